@@ -1,0 +1,1 @@
+"""A MaxText-style LLM trainer in JAX with research architectures built in."""

@@ -1,0 +1,216 @@
+"""The input pipeline: config -> iterator of fixed-shape numpy batches for this process.
+
+    it = create_iterator(config, config.train_split, process_index=i, process_count=n)
+    batch = next(it)  # inputs, targets, inputs_position, inputs_segmentation, targets_segmentation: [B, L] int32
+    state = it.get_state()  # JSON; it.set_state(state) on a fresh iterator continues with the next batch
+
+The training split repeats (`num_epochs`, -1 = forever) with a document shuffle that changes every
+epoch; every other split is one pass in file order whose last batch is padded with empty rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import numpy as np
+
+from MaxText.input_pipeline import default_corpus, packing, tfrecord
+from MaxText.input_pipeline.tfrecord import DataError
+from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from MaxText.pyconfig import ConfigError
+
+__all__ = ["DataError", "DataIterator", "Tokenizer", "create_iterator", "get_tokenizer", "resolve_dataset"]
+
+_STATE_VERSION = 1
+
+
+class DataIterator:
+  """Batches of one split on one process; see the module docstring.
+
+  The state records the stream position of the next row, so `set_state` rebuilds the source there
+  (skipping documents inside tf.data, not in Python) instead of replaying every batch. A state taken
+  on another process or with another batch shape falls back to replaying `batches_consumed` batches.
+  """
+
+  def __init__(self, source, *, name: str, rows: int, length: int, packing_on: bool, epochs: int | None,
+               bos_id: int | None, eos_id: int | None, vocab_size: int, shard: tuple[int, int] = (0, 1)):
+    self._source, self._name = source, name
+    self._rows, self._length, self._packing = rows, length, packing_on
+    self._epochs = epochs  # None = repeat forever
+    self._bos_id, self._eos_id, self._vocab_size = bos_id, eos_id, vocab_size
+    self._fingerprint = (f"{name}|process={shard[0]}/{shard[1]}|{rows}x{length}|packing={packing_on}"
+                         f"|bos={bos_id}|eos={eos_id}")
+    self._batch_count: int | None = None
+    self._restart((0, 0, 0), consumed=0)
+
+  @property
+  def finite(self) -> bool:
+    return self._epochs is not None
+
+  def _restart(self, start: tuple[int, int, int] | None, consumed: int):
+    self._batcher = None
+    self._consumed = consumed
+    if start is None:
+      return  # the state of an exhausted stream
+    batcher = packing.Packer if self._packing else packing.RowPerDocument
+    self._batcher = batcher(self._chunks(*start), self._rows, self._length, start)
+
+  def _chunks(self, epoch: int, doc: int, offset: int) -> Iterator[packing.Chunk]:
+    while self._epochs is None or epoch < self._epochs:
+      index, tokens_seen = doc, 0
+      for tokens_T, lengths_D in self._source.epoch_chunks(epoch, doc):
+        tokens_T, lengths_D = packing.add_special_tokens(tokens_T, lengths_D, self._bos_id, self._eos_id)
+        first_offset = offset
+        if offset:
+          tokens_T, lengths_D = tokens_T[offset:], lengths_D.copy()
+          lengths_D[0] -= offset
+          offset = 0
+        tokens_seen += len(tokens_T)
+        yield packing.Chunk(tokens_T, lengths_D, epoch, index, first_offset)
+        index += len(lengths_D)
+      if self._epochs is None and doc == 0 and tokens_seen == 0:
+        raise DataError(f"split {self._name!r} has no documents for this process, so it cannot repeat")
+      epoch, doc = epoch + 1, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self._batcher.next_batch() if self._batcher is not None else None
+    if batch is None:
+      self._batcher = None
+      raise StopIteration
+    self._consumed += 1
+    top = int(batch["inputs"].max(initial=0)), int(batch["targets"].max(initial=0))
+    if max(top) >= self._vocab_size:
+      raise DataError(f"split {self._name!r} holds token id {max(top)} but vocab_size={self._vocab_size}; "
+                      f"the data was tokenized with a larger vocabulary")
+    return batch
+
+  def get_state(self) -> dict:
+    position = self._batcher.position() if self._batcher is not None else None
+    return {"version": _STATE_VERSION, "batches_consumed": self._consumed, "fingerprint": self._fingerprint,
+            "position": list(position) if position is not None else None}
+
+  def set_state(self, state: dict):
+    """Continue as an uninterrupted iterator would after `state["batches_consumed"]` batches."""
+    consumed = state.get("batches_consumed") if isinstance(state, dict) else None
+    if not isinstance(consumed, int) or consumed < 0:
+      raise ValueError(f"data iterator state needs a non-negative 'batches_consumed', got {state!r}")
+    position = state.get("position", ())
+    exact = position is None or (isinstance(position, (list, tuple)) and len(position) == 3)
+    if exact and state.get("version") == _STATE_VERSION and state.get("fingerprint") == self._fingerprint:
+      self._restart(tuple(int(x) for x in position) if position is not None else None, consumed)
+      return
+    self._restart((0, 0, 0), consumed=0)
+    for _ in range(consumed):
+      if self._batcher.next_batch(build=False) is None:
+        self._batcher = None
+        break
+    self._consumed = consumed
+
+  def count_batches(self) -> int:
+    """How many batches the whole (finite) stream yields on this process, counted without batching."""
+    if not self.finite:
+      raise TypeError(f"split {self._name!r} repeats forever; it has no batch count")
+    if self._batch_count is None:
+      extra = (self._bos_id is not None) + (self._eos_id is not None)
+      tokens = rows = 0
+      for epoch in range(self._epochs):
+        for _, lengths_D in self._source.epoch_chunks(epoch, 0):
+          tokens += int(lengths_D.sum()) + extra * len(lengths_D)
+          rows += int(np.count_nonzero(lengths_D + extra >= 2))
+      if self._packing:
+        rows = -(-(tokens - 1) // self._length) if tokens >= 2 else 0
+      self._batch_count = -(-rows // self._rows)
+    return self._batch_count
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str) -> Tokenizer:
+  return Tokenizer(path)
+
+
+def resolve_dataset(config) -> tuple[str, str]:
+  """(dataset_path, tokenizer_path) the config's data comes from, preparing the default corpus if needed.
+
+  tokenizer_path is "" when there is none (synthetic data; pre-tokenized TFRecords without a model).
+  For tfds, dataset_path is the TFDS name.
+  """
+  if config.dataset_type == "synthetic":
+    return "", ""
+  if config.dataset_type == "tfds":
+    return config.tfds_name, config.tokenizer_path
+  if not config.dataset_path:
+    folder = default_corpus.ensure_default_corpus(
+        cache_dir=config.dataset_cache_dir, vocab_size=config.vocab_size, tokenizer_path=config.tokenizer_path)
+    return str(folder), str(folder / "tokenizer.model")
+  return config.dataset_path, config.tokenizer_path or tfrecord.default_tokenizer_path(config.dataset_path) or ""
+
+
+def _tokenizer_at(path: str, config) -> Tokenizer:
+  try:
+    tokenizer = _load_tokenizer(path)
+  except ValueError as e:
+    raise ConfigError(f"tokenizer_path: {e}") from None
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ConfigError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but vocab_size={config.vocab_size}; "
+                      f"set vocab_size >= {tokenizer.vocab_size}")
+  return tokenizer
+
+
+def get_tokenizer(config) -> Tokenizer:
+  """The SentencePiece tokenizer of the config's data, checked against vocab_size.
+
+  Synthetic data has no tokenizer: this raises a ConfigError that says so.
+  """
+  if config.dataset_type == "synthetic":
+    raise ConfigError("dataset_type=synthetic has no tokenizer (its documents are generated token ids)")
+  dataset_path, tokenizer_path = resolve_dataset(config)
+  if not tokenizer_path:
+    if config.dataset_type == "tfds":
+      raise ConfigError("dataset_type=tfds needs tokenizer_path (a SentencePiece model)")
+    raise ConfigError(f"no tokenizer for dataset_path={dataset_path!r}: put tokenizer.model next to the "
+                      f"TFRecord files or set tokenizer_path")
+  return _tokenizer_at(tokenizer_path, config)
+
+
+def create_iterator(config, split: str, *, process_index: int = 0, process_count: int = 1) -> DataIterator:
+  """The batches of `split` seen by process `process_index` of `process_count` (see the module docstring)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+  train = split == config.train_split
+  total, key = ((config.global_batch_size_to_load, "global_batch_size_to_load") if train
+                else (config.eval_batch_size, "eval_batch_size"))
+  if total % process_count:
+    raise ConfigError(f"{key}={total} sequences do not split evenly over {process_count} processes")
+  rows = total // process_count
+  if config.num_epochs == 0 or config.num_epochs < -1:
+    raise ConfigError(f"config key 'num_epochs' must be positive or -1 (repeat forever), got {config.num_epochs}")
+  epochs = (None if config.num_epochs == -1 else config.num_epochs) if train else 1
+  shuffle = dict(shuffle=train, seed=config.data_shuffle_seed, shuffle_buffer_size=config.shuffle_buffer_size)
+  shard = dict(process_index=process_index, process_count=process_count)
+  tokenizer = None
+  if config.dataset_type == "synthetic":
+    from MaxText.input_pipeline.synthetic import SyntheticSource  # noqa: PLC0415
+
+    source = SyntheticSource(split, vocab_size=config.vocab_size, length=config.max_target_length, train=train,
+                             seed=config.data_shuffle_seed, **shard)
+  elif config.dataset_type == "tfds":
+    from MaxText.input_pipeline.tfds_loader import TfdsSource  # noqa: PLC0415
+
+    tokenizer = get_tokenizer(config)
+    source = TfdsSource(config.tfds_name, split, data_dir=config.tfds_data_dir, text_key=config.tfds_text_key,
+                        tokenizer=tokenizer, **shard, **shuffle)
+  else:
+    dataset_path, tokenizer_path = resolve_dataset(config)
+    files = tfrecord.split_files(dataset_path, split)
+    if tokenizer_path:
+      tokenizer = _tokenizer_at(tokenizer_path, config)
+    source = tfrecord.TFRecordSource(files, tokenizer=tokenizer, **shard, **shuffle)
+  return DataIterator(
+      source, name=split, rows=rows, length=config.max_target_length, packing_on=config.packing, epochs=epochs,
+      bos_id=(tokenizer.bos_id if tokenizer else BOS_ID) if config.add_bos else None,
+      eos_id=(tokenizer.eos_id if tokenizer else EOS_ID) if config.add_eos else None,
+      vocab_size=config.vocab_size, shard=(process_index, process_count))

@@ -1,0 +1,302 @@
+"""TFRecord files of tf.train.Example: finding a split's files, writing them, and reading them as documents.
+
+A record is one document, with feature `tokens` (int64 list, no BOS/EOS) or `text` (bytes). Reading
+yields chunks of documents as (tokens_T, lengths_D) numpy pairs, so Python works per chunk, never per token.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from MaxText.pyconfig import ConfigError
+
+TOKENS, TEXT = "tokens", "text"
+# Documents per parsed chunk: large enough to amortise Python overhead, small enough to start quickly.
+_CHUNK_DOCS = 128
+_tf = None
+
+
+class DataError(ConfigError):
+  """Unreadable or inconsistent data; the one-line message names the file or dataset."""
+
+
+def import_tf():
+  """TensorFlow, imported quietly and kept away from the accelerator (it only reads files here)."""
+  global _tf
+  if _tf is None:
+    # oneDNN's banner and TF's INFO lines are noise for a reader; set only for the import, and only
+    # where the user has not chosen, so JAX/XLA (which read the same variables) keep the user's setting.
+    quiet = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+    ours = [k for k in quiet if k not in os.environ]
+    for k in ours:
+      os.environ[k] = quiet[k]
+    try:
+      import tensorflow as tf  # noqa: PLC0415
+    finally:
+      for k in ours:
+        os.environ.pop(k, None)
+    try:
+      tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+      pass  # TF was already initialised by someone else; it is too late to hide the GPU
+    tf.get_logger().setLevel("ERROR")
+    _tf = tf
+  return _tf
+
+
+# --- Finding files ---
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _expand(entry: str) -> list[str]:
+  """The files one dataset_path entry names: a folder's files, a glob's matches, or the file itself."""
+  if _is_remote(entry):
+    gfile = import_tf().io.gfile
+    if gfile.isdir(entry):
+      return sorted(f"{entry.rstrip('/')}/{n}" for n in gfile.listdir(entry) if not n.endswith("/"))
+    return sorted(gfile.glob(entry))
+  entry = os.path.expanduser(entry)
+  if os.path.isdir(entry):
+    return sorted(os.path.join(entry, n) for n in os.listdir(entry)
+                  if not n.startswith(".") and os.path.isfile(os.path.join(entry, n)))
+  return sorted(p for p in globlib.glob(entry) if os.path.isfile(p))
+
+
+def entries(dataset_path: str) -> list[str]:
+  return [e.strip() for e in dataset_path.split(",") if e.strip()]
+
+
+def dataset_files(dataset_path: str) -> list[str]:
+  seen, files = set(), []
+  for entry in entries(dataset_path):
+    for f in _expand(entry):
+      if f not in seen:
+        seen.add(f)
+        files.append(f)
+  return files
+
+
+def is_split_file(path: str, split: str) -> bool:
+  # "train-00000-of-00004.tfrecord" is a train file; "trainer.tfrecord" is not.
+  name = os.path.basename(path.rstrip("/"))
+  return name.startswith(split) and (len(name) == len(split) or not name[len(split)].isalnum())
+
+
+def split_files(dataset_path: str, split: str) -> list[str]:
+  files = [f for f in dataset_files(dataset_path) if is_split_file(f, split)]
+  if not files:
+    raise ConfigError(f"no TFRecord files for split {split!r} under dataset_path={dataset_path!r} "
+                      f"(expected file names starting with '{split}-')")
+  return files
+
+
+def default_tokenizer_path(dataset_path: str) -> str | None:
+  """`tokenizer.model` in the dataset's folder: the first entry if it is a folder, else its first file's folder."""
+  names = entries(dataset_path)
+  if not names:
+    return None
+  first = names[0]
+  if _is_remote(first):
+    gfile = import_tf().io.gfile
+    folder = first if gfile.isdir(first) else os.path.dirname((_expand(first) or [first])[0])
+    path = f"{folder.rstrip('/')}/tokenizer.model"
+    return path if gfile.exists(path) else None
+  first = os.path.expanduser(first)
+  folder = first if os.path.isdir(first) else os.path.dirname((_expand(first) or [first])[0])
+  path = os.path.join(folder, "tokenizer.model")
+  return path if os.path.isfile(path) else None
+
+
+# --- Writing ---
+
+class ExampleWriter:
+  """Writes one tf.train.Example per document to a TFRecord file (a context manager)."""
+
+  def __init__(self, path: str):
+    tf = import_tf()
+    self._tf = tf
+    self._writer = tf.io.TFRecordWriter(path)
+    self.documents = 0
+
+  def write_tokens(self, ids: Sequence[int]):
+    feature = self._tf.train.Feature(int64_list=self._tf.train.Int64List(value=ids))
+    self._write({TOKENS: feature})
+
+  def write_text(self, text: str):
+    feature = self._tf.train.Feature(bytes_list=self._tf.train.BytesList(value=[text.encode("utf-8")]))
+    self._write({TEXT: feature})
+
+  def _write(self, features):
+    example = self._tf.train.Example(features=self._tf.train.Features(feature=features))
+    self._writer.write(example.SerializeToString())
+    self.documents += 1
+
+  def close(self):
+    self._writer.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def write_documents(path: str, documents: Iterable, feature: str = TOKENS) -> int:
+  """Write token lists (feature="tokens") or strings (feature="text"), one record each; returns the count."""
+  with ExampleWriter(path) as writer:
+    for doc in documents:
+      writer.write_tokens(doc) if feature == TOKENS else writer.write_text(doc)
+  return writer.documents
+
+
+# --- Reading ---
+
+def read_documents(path: str) -> Iterator[list[int] | str]:
+  """Every record of one file as a token list or a string, in file order (for tools and tests)."""
+  tf = import_tf()
+  for raw in tf.data.TFRecordDataset([path]).as_numpy_iterator():
+    features = tf.train.Example.FromString(raw).features.feature
+    if TOKENS in features:
+      yield list(features[TOKENS].int64_list.value)
+    elif TEXT in features:
+      yield features[TEXT].bytes_list.value[0].decode("utf-8", "replace")
+    else:
+      raise DataError(f"{path}: record has neither a {TOKENS!r} nor a {TEXT!r} feature")
+
+
+def detect_feature(files: Sequence[str]) -> str:
+  """Which of `tokens` / `text` the first record of the first non-empty file carries."""
+  tf = import_tf()
+  for path in files:
+    try:
+      raw = next(iter(tf.data.TFRecordDataset([path]).take(1).as_numpy_iterator()), None)
+    except tf.errors.OpError as e:
+      raise DataError(f"{path}: unreadable TFRecord file ({_first_line(e.message)})") from None
+    if raw is None:
+      continue
+    try:
+      features = tf.train.Example.FromString(raw).features.feature
+    except Exception:  # noqa: BLE001 (protobuf's DecodeError differs between its backends)
+      raise DataError(f"{path}: record is not a tf.train.Example") from None
+    for name in (TOKENS, TEXT):
+      if name in features:
+        return name
+    raise DataError(f"{path}: records need a {TOKENS!r} (int64) or {TEXT!r} (bytes) feature, "
+                    f"found {sorted(features)}")
+  return TOKENS  # every file is empty: there is nothing to parse either way
+
+
+def _first_line(message: str) -> str:
+  return (message or "").strip().splitlines()[0] if (message or "").strip() else "unknown error"
+
+
+def _parser(feature: str):
+  tf = import_tf()
+  if feature == TOKENS:
+    spec = {TOKENS: tf.io.RaggedFeature(tf.int64)}
+
+    def parse(serialized_D):
+      ragged = tf.io.parse_example(serialized_D, spec)[TOKENS]
+      return tf.cast(ragged.flat_values, tf.int32), ragged.row_lengths()
+  else:
+    spec = {TEXT: tf.io.FixedLenFeature([], tf.string)}
+
+    def parse(serialized_D):
+      return tf.io.parse_example(serialized_D, spec)[TEXT]
+  return parse
+
+
+def find_bad_file(files: Sequence[str], feature: str) -> tuple[str, str] | None:
+  """(file, reason) of the first file that fails to read or parse; the error of a pipeline names none."""
+  tf = import_tf()
+  parse = _parser(feature)
+  for path in files:
+    try:
+      for _ in tf.data.TFRecordDataset([path]).batch(1024).map(parse):
+        pass
+    except tf.errors.OpError as e:
+      return path, _first_line(e.message)
+  return None
+
+
+class TFRecordSource:
+  """The documents of one split on one process, as chunks, with a per-epoch deterministic shuffle.
+
+  Process i of n reads files i::n when there are at least n files, else every n-th record of all files,
+  so the processes see disjoint documents whose union is the split.
+  """
+
+  def __init__(self, files: Sequence[str], *, tokenizer=None, process_index: int = 0,
+               process_count: int = 1, shuffle: bool = False, seed: int = 0, shuffle_buffer_size: int = 1024):
+    self.files = list(files)
+    self.feature = detect_feature(self.files)
+    if self.feature == TEXT and tokenizer is None:
+      raise ConfigError(f"{self.files[0]} holds raw text (feature 'text') but no tokenizer was found; "
+                        f"set tokenizer_path")
+    self.tokenizer = tokenizer
+    self.shard_by_file = len(self.files) >= process_count
+    self.local_files = self.files[process_index::process_count] if self.shard_by_file else self.files
+    self.process_index, self.process_count = process_index, process_count
+    self.shuffle, self.seed, self.buffer = shuffle, seed, max(1, shuffle_buffer_size)
+
+  def _dataset(self, epoch: int, skip: int):
+    tf = import_tf()
+    files = list(self.local_files)
+    if self.shuffle:
+      # The same permutation on every process, so record sharding stays disjoint.
+      order = np.random.default_rng([self.seed, epoch]).permutation(len(files))
+      files = [files[i] for i in order]
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if self.shuffle and len(files) > 1:
+      ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16), block_length=1,
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+      ds = ds.flat_map(tf.data.TFRecordDataset)
+    if not self.shard_by_file:
+      ds = ds.shard(self.process_count, self.process_index)
+    if self.shuffle:
+      seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+      ds = ds.shuffle(self.buffer, seed=seed, reshuffle_each_iteration=False)
+    if skip:
+      ds = ds.skip(skip)
+    ds = ds.batch(_CHUNK_DOCS).map(_parser(self.feature), num_parallel_calls=tf.data.AUTOTUNE,
+                                   deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+  def epoch_chunks(self, epoch: int, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens_T int32, lengths_D int64) per chunk of documents, from document `skip` of the epoch on."""
+    tf = import_tf()
+    it = self._dataset(epoch, skip).as_numpy_iterator()
+    while True:
+      try:
+        item = next(it)
+      except StopIteration:
+        return
+      except tf.errors.OpError as e:
+        bad = find_bad_file(self.local_files, self.feature)
+        if bad:
+          raise DataError(f"{bad[0]}: corrupt or unreadable TFRecord data ({bad[1]})") from None
+        raise DataError(f"reading {len(self.local_files)} TFRecord files starting with {self.local_files[0]} "
+                        f"failed: {_first_line(e.message)}") from None
+      if self.feature == TOKENS:
+        yield item
+      else:
+        yield tokenize_texts(self.tokenizer, item)
+
+
+def tokenize_texts(tokenizer, texts_D) -> tuple[np.ndarray, np.ndarray]:
+  """Byte strings or strings -> (tokens_T int32, lengths_D int64)."""
+  texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts_D]
+  ids = tokenizer.encode_batch(texts)
+  lengths_D = np.fromiter(map(len, ids), np.int64, count=len(ids))
+  if not ids:
+    return np.zeros(0, np.int32), lengths_D
+  return np.concatenate([np.asarray(doc, np.int32) for doc in ids]), lengths_D

@@ -1,0 +1,128 @@
+"""Metric rows to TensorBoard, metrics.jsonl and a progress line; FLOPs and MFU accounting."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak TFLOP/s per device for the matmul dtype (bfloat16; float32 runs on TF32 tensor cores on
+# GPUs, at half the bfloat16 rate; TPUs run float32 matmuls as bf16 passes, counted here at the bf16 rate).
+PEAK_TFLOPS = {
+    "tpu v4": {"bfloat16": 275.0, "float32": 275.0},
+    "tpu v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "tpu v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "tpu v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "tpu v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+    "a100": {"bfloat16": 312.0, "float32": 156.0},
+    "h100": {"bfloat16": 989.0, "float32": 494.5},
+    "h200": {"bfloat16": 989.0, "float32": 494.5},
+}
+
+
+def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of one large jitted matmul on the default device (the median of `repeats`)."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  matmul(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / sorted(times)[len(times) // 2]
+
+
+def peak_flops_per_device(config) -> tuple[float, str]:
+  """(peak FLOP/s per device, where the number comes from)."""
+  if config.peak_tflops_per_device > 0:
+    return config.peak_tflops_per_device * 1e12, "config"
+  kind = jax.devices()[0].device_kind.lower()
+  for name, peaks in PEAK_TFLOPS.items():
+    if name in kind:
+      return peaks[config.dtype] * 1e12, f"table ({kind})"
+  # CPU (or unknown): measure. Simulated CPU devices share the same cores, so the run's local devices
+  # split the measured peak among them.
+  measured = measure_matmul_peak(config.dtype)
+  local_devices = max(config.num_devices // jax.process_count(), 1)
+  return measured / local_devices, f"measured {config.dtype} matmul on {kind}"
+
+
+class MetricLogger:
+  """Writes each metric row to TensorBoard and metrics.jsonl (process 0) and drives the progress line."""
+
+  def __init__(self, config, *, start_step: int, is_primary: bool, progress: bool = True):
+    self.is_primary = is_primary
+    self.writer = None
+    self.jsonl = None
+    self.bar = None
+    if not is_primary:
+      return
+    os.makedirs(config.run_dir, exist_ok=True)
+    self.jsonl = open(os.path.join(config.run_dir, config.metrics_file), "a", encoding="utf-8")
+    if config.enable_tensorboard:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+      self.writer = SummaryWriter(config.tensorboard_dir, flush_secs=30)
+    if progress:
+      from tqdm import tqdm  # noqa: PLC0415
+
+      self.bar = tqdm(total=config.steps, initial=start_step, desc=config.run_name, unit="step",
+                      dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+  def write_text(self, tag: str, text: str) -> None:
+    if self.writer is not None:
+      self.writer.add_text(tag, text, 0)
+
+  def log(self, step: int, scalars: dict[str, float], *, prefix: str = "train") -> None:
+    if not self.is_primary:
+      return
+    row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
+    self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    if self.writer is not None:
+      for key, value in row.items():
+        if key != "step" and math.isfinite(value):
+          self.writer.add_scalar(key, value, step)
+    if self.bar is not None:
+      if prefix == "train":
+        self.bar.set_postfix_str(
+            f"loss={scalars['loss']:.3f} tok/s={scalars.get('tokens_per_s', 0):,.0f} mfu={scalars.get('mfu', 0):.1%}",
+            refresh=False)
+      else:
+        self.bar.write(f"step {step}: {prefix} loss {scalars['loss']:.4f} perplexity {scalars['perplexity']:.2f}")
+
+  def advance(self, step: int) -> None:
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+
+  def message(self, text: str) -> None:
+    if not self.is_primary:
+      return
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.flush()
+      self.writer.close()
+    if self.jsonl is not None:
+      self.jsonl.close()
+
+
+def throughput(tokens: float, seconds: float, flops_per_token: float, num_devices: int,
+               peak_per_device: float) -> dict[str, Any]:
+  """tokens/s, TFLOP/s per device and MFU for `tokens` processed in `seconds`."""
+  tokens_per_s = tokens / max(seconds, 1e-9)
+  tflops = tokens_per_s * flops_per_token / num_devices / 1e12
+  return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak_per_device}

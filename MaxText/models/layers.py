@@ -1,0 +1,231 @@
+"""Layers shared by the model families.
+
+Shape letters in names (x_BLD, w_DF, ...), used across models/:
+  B batch              L query length          S key length (cache slots)
+  D model width        H query heads           K key/value heads        G query heads per kv head (H/K)
+  E head dim           F MLP width             V vocabulary             N layers
+
+Every parameter is made by `param`, which records its logical axis names (the only sharding vocabulary;
+`sharding.py` maps them to mesh axes) and its role (embedding, hidden, readout, gain, bias), from which a
+parametrization can derive init scales and learning-rate multipliers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from MaxText.sharding import constrain
+
+BLD = ("activation_batch", "activation_length", "activation_embed")
+BLHE = ("activation_batch", "activation_length", "activation_heads", None)
+BLKE = ("activation_batch", "activation_length", "activation_kv_heads", None)
+DT = ("activation_embed", "activation_batch")
+FT = ("activation_mlp", "activation_batch")
+BLV = ("activation_batch", "activation_length", "activation_vocab")
+
+ROLES = ("embedding", "hidden", "readout", "gain", "bias")
+# Large but finite, so that a fully masked row gives a uniform softmax rather than NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": jax.nn.gelu,  # tanh approximation, as flax's nn.gelu
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+    "linear": lambda x: x,
+}
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: tuple[str | None, ...], *, role: str,
+          dtype, fan_in: int | None = None) -> nnx.Param:
+  """A parameter with logical axis names, a role and its fan-in; never placed eagerly (jit shards it).
+
+  `fan_in` is the number of inputs summed per output (D for a D->F matrix, H*E for the attention output);
+  matrices (roles hidden and readout) must give it, since a parametrization scales them by it.
+  """
+  if role not in ROLES:
+    raise ValueError(f"unknown parameter role {role!r}")
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+  if role in ("hidden", "readout") and not fan_in:
+    raise ValueError(f"a {role} parameter of shape {tuple(shape)} needs its fan_in")
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False, role=role,
+                   fan_in=fan_in)
+
+
+def normal(std: float):
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def constant(value: float):
+  return lambda key, shape, dtype: jnp.full(shape, value, dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 whatever the activation dtype."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, weight_dtype, rngs: nnx.Rngs | None = None,
+               use_scale: bool = True, scale_init: float = 1.0):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, constant(scale_init), (dim,), ("norm",), role="gain", dtype=weight_dtype) if use_scale else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def rope(x_BLHE: jax.Array, positions_BL: jax.Array, max_timescale: float) -> jax.Array:
+  """Rotary embedding, half-split (non-interleaved): pairs (x_k, x_{k+E/2}) rotate by pos / base^(2k/E)."""
+  half = x_BLHE.shape[-1] // 2
+  inv_freq = max_timescale ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLHE.shape[-1])
+  angle_BL1E = (positions_BL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BL1E), jnp.cos(angle_BL1E)
+  x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHE.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]; `attend` projects back to vocabulary logits (tied output)."""
+
+  def __init__(self, vocab: int, dim: int, *, init, dtype, weight_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, init, (vocab, dim), ("vocab", "embed"), role="embedding", dtype=weight_dtype)
+
+  def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    w_VD = self.embedding[...].astype(x_BLD.dtype)
+    return jnp.einsum("bld,vd->blv", x_BLD, w_VD, preferred_element_type=jnp.float32)
+
+
+class MLP(nnx.Module):
+  """Gated MLP: wo( act0(x wi_0) * act1(x wi_1) ); one activation gives a plain act(x wi_0) MLP."""
+
+  def __init__(self, dim: int, hidden: int, activations: Sequence[str], *, init, out_init=None, dtype,
+               weight_dtype, rngs: nnx.Rngs, use_bias: bool = False):
+    self.dtype, self.activations, self.use_bias = dtype, tuple(activations), use_bias
+    zeros = constant(0.0)
+    for i in range(len(self.activations)):  # named wi_0, wi_1 as in MaxText, not a list
+      setattr(self, f"wi_{i}", param(rngs, init, (hidden, dim), ("mlp", "embed"), role="hidden", dtype=weight_dtype,
+                                     fan_in=dim))
+      if use_bias:
+        setattr(self, f"bi_{i}", param(rngs, zeros, (hidden,), ("mlp",), role="bias", dtype=weight_dtype))
+    self.wo = param(rngs, out_init or init, (dim, hidden), ("embed", "mlp"), role="hidden", dtype=weight_dtype,
+                    fan_in=hidden)
+    if use_bias:
+      self.bo = param(rngs, zeros, (dim,), ("embed",), role="bias", dtype=weight_dtype)
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    # Computed feature-major on T = B*L tokens: h_FT = act(w_FD @ x_DT), out_DT = w_DF @ h_FT. The math is
+    # the plain MLP's, but with the tokens minor, XLA's CPU backend transposes only the small D-wide
+    # tensors; token-major, it transposes the F-wide gradient with the activation's derivative fused in
+    # and evaluated in strided order, which made the whole train step 1.3x slower.
+    B, L, D = x_BLD.shape
+    x_DT = constrain(x_BLD.reshape(B * L, D).T, DT)
+    h_FT = None
+    for i, name in enumerate(self.activations):
+      a_FT = getattr(self, f"wi_{i}")[...].astype(self.dtype) @ x_DT
+      if self.use_bias:
+        a_FT = a_FT + getattr(self, f"bi_{i}")[...].astype(self.dtype)[:, None]
+      a_FT = ACTIVATIONS[name](a_FT)
+      h_FT = a_FT if h_FT is None else h_FT * a_FT
+    h_FT = constrain(h_FT, FT)
+    out_DT = self.wo[...].astype(self.dtype) @ h_FT
+    if self.use_bias:
+      out_DT = out_DT + self.bo[...].astype(self.dtype)[:, None]
+    return out_DT.T.reshape(B, L, D)
+
+
+def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> jax.Array:
+  """[B, L, S] bool: same document (segment id) and not in the future (position order)."""
+  same_doc = q_segment_BL[:, :, None] == k_segment_BS[:, None, :]
+  causal = k_position_BS[:, None, :] <= q_position_BL[:, :, None]
+  return same_doc & causal
+
+
+def dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask_BLS, *, scale: float, bias_BHLS=None,
+                          implementation: str = "autoselected") -> jax.Array:
+  """Softmax attention with grouped KV heads; scores and softmax in float32.
+
+  `dot_product` is the plain reference; `autoselected` is jax.nn.dot_product_attention (XLA on CPU,
+  cuDNN where it applies).
+  """
+  if implementation == "autoselected" and bias_BHLS is None:
+    return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask_BLS[:, None], scale=scale)
+  B, L, H, E = q_BLHE.shape
+  K = k_BSKE.shape[2]
+  q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
+  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
+  if bias_BHLS is not None:
+    s_BKGLS = s_BKGLS + bias_BHLS.reshape(B, K, H // K, *bias_BHLS.shape[2:]).astype(jnp.float32)
+  s_BKGLS = jnp.where(mask_BLS[:, None, None], s_BKGLS, MASK_VALUE)
+  p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(v_BSKE.dtype)
+  out_BLKGE = jnp.einsum("bkgls,bske->blkge", p_BKGLS, v_BSKE)
+  return out_BLKGE.reshape(B, L, H, E)
+
+
+def cache_write(cache_BS: jax.Array, new_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+  """Write each row's new entries at their positions (a cache slot per position); out of range is dropped."""
+  rows_B1 = jnp.arange(cache_BS.shape[0])[:, None]
+  return cache_BS.at[rows_B1, positions_BL].set(new_BL.astype(cache_BS.dtype), mode="drop")
+
+
+def remat(fn: Callable, policy: str, *, prevent_cse: bool) -> Callable:
+  """Wrap a layer body in jax.checkpoint according to `remat_policy`."""
+  if policy == "none":
+    return fn
+  policies = {
+      "full": None,  # save nothing but the layer inputs
+      "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
+      "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+  }
+  if policy not in policies:
+    raise ValueError(f"unknown remat_policy {policy!r}")
+  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=prevent_cse)
+
+
+def make_stack(n: int, make_layer: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+  """n layers whose parameters are stacked on a leading 'layers' axis (one layout for scan and unrolled)."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(rngs):
+    return make_layer(rngs)
+
+  return build(rngs)
+
+
+def run_stack(stack: nnx.Module, call: Callable[[nnx.Module, jax.Array, Any], tuple[jax.Array, Any]],
+              x: jax.Array, per_layer: Any = None, *, scan: bool, remat_policy: str):
+  """Apply stacked layers in order: `call(layer, x, per_layer_i) -> (x, out_i)`; returns (x, stacked outs).
+
+  With scan=False the same stacked parameters are sliced layer by layer in an unrolled loop, so scanned
+  and unrolled runs share checkpoints and differ only in compile time.
+  """
+  graphdef, state = nnx.split(stack)
+
+  def body(x, xs):
+    layer_state, extra = xs
+    return call(nnx.merge(graphdef, layer_state), x, extra)
+
+  body = remat(body, remat_policy, prevent_cse=not scan)
+  if scan:
+    return jax.lax.scan(body, x, (state, per_layer))
+  n = jax.tree.leaves(state)[0].shape[0]
+  outs = []
+  for i in range(n):
+    x, out = body(x, jax.tree.map(lambda a: a[i], (state, per_layer)))
+    outs.append(out)
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs) if jax.tree.leaves(outs) else None
+  return x, stacked

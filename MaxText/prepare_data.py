@@ -1,0 +1,312 @@
+"""Text files -> SentencePiece tokenizer + TFRecord shards of pre-tokenized documents.
+
+  python MaxText/prepare_data.py --input ~/src/project --output_dir data/project [--vocab_size 8192]
+
+Every file is one document. Files go to train / validation / test by a hash of their path relative to
+the input, so adding files never moves the others. With fewer than 3 files there would be too few
+documents to split, so each file is cut into documents at blank lines once a piece reaches 2000
+characters (at a line break after 8000 characters when there is no blank line). The output folder
+holds tokenizer.model, {split}-{i:05d}-of-{n:05d}.tfrecord (feature `tokens`, no BOS/EOS; the loader
+adds them) and dataset_info.json; it is written to a temporary folder and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob as globlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+if not __package__:  # run as a script: make `MaxText` importable
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from MaxText.input_pipeline import tfrecord  # noqa: E402
+from MaxText.input_pipeline.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
+                      ".go", ".rs", ".sh", ".json", ".yaml", ".yml", ".toml", ".html", ".css", ".tex")
+INFO_FILE = "dataset_info.json"
+_DOC_TARGET_CHARS, _DOC_LIMIT_CHARS = 2000, 8000
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+_ENCODE_BATCH_CHARS = 4 << 20
+
+
+class PrepareError(Exception):
+  """Bad input to prepare(); the one-line message names the culprit."""
+
+
+def find_input_files(spec: str, extensions: Sequence[str], exclude_dirs: Sequence[str] = ()) -> list[tuple[str, str]]:
+  """(path, key) for every input file; key is the path relative to the folder or glob root it came from.
+
+  Folders are searched recursively for `extensions`, skipping hidden folders and `exclude_dirs`;
+  files named directly or matched by a glob are taken whatever their extension.
+  """
+  extensions = tuple(e.lower() for e in extensions)
+  found, seen = [], set()
+
+  def add(path: str, key: str):
+    real = os.path.realpath(path)
+    if real not in seen:
+      seen.add(real)
+      found.append((path, key.replace(os.sep, "/")))
+
+  for entry in (e.strip() for e in spec.split(",")):
+    if not entry:
+      continue
+    entry = os.path.expanduser(entry)
+    if os.path.isdir(entry):
+      for root, dirs, names in os.walk(entry):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in exclude_dirs)
+        for name in sorted(names):
+          if name.lower().endswith(extensions) and not name.startswith("."):
+            path = os.path.join(root, name)
+            add(path, os.path.relpath(path, entry))
+    elif globlib.has_magic(entry):
+      parts = Path(entry).parts
+      fixed = next((i for i, p in enumerate(parts) if globlib.has_magic(p)), len(parts))
+      root = str(Path(*parts[:fixed])) if fixed else "."
+      for path in sorted(globlib.glob(entry, recursive=True)):
+        if os.path.isfile(path):
+          add(path, os.path.relpath(path, root))
+    elif os.path.isfile(entry):
+      add(entry, os.path.basename(entry))
+  return found
+
+
+def split_into_documents(text: str) -> list[str]:
+  """Cut a long text at blank lines into pieces of about _DOC_TARGET_CHARS (see the module docstring)."""
+  docs, start, n = [], 0, len(text)
+  while start < n:
+    if n - start <= _DOC_TARGET_CHARS:
+      docs.append(text[start:])
+      break
+    blank = _BLANK_LINE.search(text, start + _DOC_TARGET_CHARS, start + _DOC_LIMIT_CHARS)
+    if blank:
+      end = blank.end()
+    else:
+      end = text.rfind("\n", start + _DOC_TARGET_CHARS, start + _DOC_LIMIT_CHARS) + 1
+      end = end if end > start else min(n, start + _DOC_LIMIT_CHARS)
+    docs.append(text[start:end])
+    start = end
+  return docs
+
+
+def _hash01(key: str) -> float:
+  return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def assign_splits(keys: Sequence[str], validation_fraction: float, test_fraction: float) -> dict[str, list[str]]:
+  """Split name -> keys, by hash; with >= 3 keys every split with a positive fraction gets at least one."""
+  splits = {s: [] for s in SPLITS}
+  for key in sorted(keys, key=_hash01):
+    h = _hash01(key)
+    splits["test" if h < test_fraction else "validation" if h < test_fraction + validation_fraction else "train"].append(key)
+  wanted = {"train": 1.0, "validation": validation_fraction, "test": test_fraction}
+  if len(keys) >= 3:
+    for split in SPLITS:
+      if not splits[split] and wanted[split] > 0:
+        donor = max(SPLITS, key=lambda s: (len(splits[s]), s == "train"))
+        # Keys are in hash order; the one nearest the empty split's hash interval moves.
+        splits[split].append(splits[donor].pop(-1 if split == "train" else 0))
+  return splits
+
+
+def _read_text(path: str) -> str | None:
+  try:
+    with open(path, "rb") as f:
+      return f.read().decode("utf-8", "replace")
+  except OSError:
+    return None
+
+
+def _prepare_output(output_dir: str) -> tuple[Path, Path]:
+  out = Path(output_dir).expanduser().absolute()
+  if out.exists() and not out.is_dir():
+    raise PrepareError(f"--output_dir {str(out)!r} exists and is not a folder")
+  if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).exists():
+    raise PrepareError(f"--output_dir {str(out)!r} is not empty and holds no prepared dataset; choose another")
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes the folder private; the dataset should be as readable as any folder the user makes.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+  except OSError as e:
+    raise PrepareError(f"cannot write --output_dir {str(out)!r}: {e.strerror}") from None
+  return out, tmp
+
+
+def _move_into_place(tmp: Path, out: Path):
+  if out.exists():
+    # Swap through a side name so the folder is never missing or half-written for a reader.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, out)
+
+
+def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path: str | None = None,
+            validation_fraction: float = 0.01, test_fraction: float = 0.01, num_shards: int = 4,
+            extensions: Sequence[str] = DEFAULT_EXTENSIONS, exclude_dirs: Sequence[str] = (),
+            progress: bool = True) -> dict:
+  """Prepare a dataset folder from text files (see the module docstring); returns the summary."""
+  if not (0 <= validation_fraction and 0 <= test_fraction and validation_fraction + test_fraction < 1):
+    raise PrepareError("--validation_fraction and --test_fraction must be >= 0 and sum to less than 1")
+  if num_shards < 1:
+    raise PrepareError(f"--num_shards must be at least 1, got {num_shards}")
+  if tokenizer_path and not os.path.isfile(os.path.expanduser(tokenizer_path)):
+    raise PrepareError(f"--tokenizer_path {tokenizer_path!r} is not a file")
+  files = find_input_files(input, extensions, exclude_dirs)
+  if not files:
+    raise PrepareError(f"--input {input!r} matched no files (folders are searched for {', '.join(extensions)})")
+
+  # A document is (key, file path, text or None = the whole file, read when written).
+  if len(files) >= 3:
+    documents = {key: (path, None) for path, key in files}
+  else:
+    documents = {}
+    for path, key in files:
+      text = _read_text(path)
+      if text is None:
+        raise PrepareError(f"cannot read input file {path!r}")
+      for i, piece in enumerate(split_into_documents(text)):
+        documents[f"{key}#{i}"] = (path, piece)
+  splits = assign_splits(list(documents), validation_fraction, test_fraction)
+
+  out, tmp = _prepare_output(output_dir)
+  try:
+    model_path = tmp / "tokenizer.model"
+    if tokenizer_path:
+      shutil.copyfile(os.path.expanduser(tokenizer_path), model_path)
+      try:
+        tokenizer = Tokenizer(model_path)
+      except ValueError as e:
+        raise PrepareError(f"--tokenizer_path: {e}") from None
+    else:
+      train_keys = splits["train"] or list(documents)
+      if len(files) >= 3:
+        source = [documents[k][0] for k in train_keys]
+      else:
+        source = iter([documents[k][1] for k in train_keys])
+      try:
+        tokenizer = train_sentencepiece(source, model_path, vocab_size)
+      except ValueError as e:
+        raise PrepareError(str(e)) from None
+    summary = _write_splits(tmp, splits, documents, tokenizer, num_shards, progress)
+    summary.update(format_version=FORMAT_VERSION, input=input, vocab_size=tokenizer.vocab_size,
+                   tokenizer_path=str(out / "tokenizer.model"), output_dir=str(out))
+    (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    _move_into_place(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return summary
+
+
+class _SplitWriter:
+  """Round-robins the documents of one split over its shards, encoding them in batches (threads help)."""
+
+  def __init__(self, folder: Path, split: str, num_shards: int, tokenizer):
+    self.tokenizer, self.n = tokenizer, num_shards
+    self.writers = [tfrecord.ExampleWriter(str(folder / f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord"))
+                    for i in range(num_shards)]
+    self.stats = {"documents": 0, "tokens": 0, "files": num_shards}
+    self.pending: list[str] = []
+    self.pending_chars = 0
+
+  def add(self, text: str):
+    self.pending.append(text)
+    self.pending_chars += len(text)
+    if self.pending_chars >= _ENCODE_BATCH_CHARS or len(self.pending) >= 256:
+      self.flush()
+
+  def flush(self):
+    for ids in self.tokenizer.encode_batch(self.pending) if self.pending else []:
+      self.writers[self.stats["documents"] % self.n].write_tokens(ids)
+      self.stats["documents"] += 1
+      self.stats["tokens"] += len(ids)
+    self.pending, self.pending_chars = [], 0
+
+  def close(self) -> dict:
+    self.flush()
+    for w in self.writers:
+      w.close()
+    return self.stats
+
+
+def _write_splits(folder: Path, splits, documents, tokenizer, num_shards: int, progress: bool) -> dict:
+  summary = {"splits": {}, "skipped_files": []}
+  tokens_before = 0
+  with tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr) as bar:
+    for split, keys in splits.items():
+      if not keys:
+        summary["splits"][split] = {"documents": 0, "tokens": 0, "files": 0}
+        continue
+      writer = _SplitWriter(folder, split, min(num_shards, len(keys)), tokenizer)
+      for key in keys:
+        path, text = documents[key]
+        text = _read_text(path) if text is None else text
+        if text is None:
+          summary["skipped_files"].append(path)
+        elif text.strip():
+          writer.add(text)
+        bar.update(1)
+        bar.set_postfix(split=split, tokens=tokens_before + writer.stats["tokens"], refresh=False)
+      summary["splits"][split] = writer.close()
+      tokens_before += writer.stats["tokens"]
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  lines = [f"prepared {summary['output_dir']} (vocab {summary['vocab_size']})",
+           f"  {'split':<11}{'documents':>10}{'tokens':>14}{'files':>7}"]
+  for split, s in summary["splits"].items():
+    lines.append(f"  {split:<11}{s['documents']:>10}{s['tokens']:>14}{s['files']:>7}")
+  if summary["skipped_files"]:
+    lines.append(f"  skipped {len(summary['skipped_files'])} unreadable files, e.g. {summary['skipped_files'][0]}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--input", required=True, help="folder, glob or comma-separated list of either")
+  parser.add_argument("--output_dir", required=True)
+  parser.add_argument("--vocab_size", type=int, default=8192)
+  parser.add_argument("--tokenizer_path", default="", help="use this SentencePiece model instead of training one")
+  parser.add_argument("--validation_fraction", type=float, default=0.01)
+  parser.add_argument("--test_fraction", type=float, default=0.01)
+  parser.add_argument("--num_shards", type=int, default=4)
+  parser.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS),
+                      help="file extensions searched for in folders, comma-separated")
+  args = parser.parse_args(argv)
+  extensions = tuple(e if e.startswith(".") else f".{e}" for e in (x.strip() for x in args.extensions.split(",")) if e)
+  try:
+    summary = prepare(args.input, args.output_dir, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
+                      validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+                      num_shards=args.num_shards, extensions=extensions)
+  except (PrepareError, tfrecord.DataError) as e:
+    print(f"prepare_data: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("prepare_data: interrupted; nothing was written", file=sys.stderr)
+    return 130
+  print(format_summary(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,458 @@
+"""YAML + overrides -> frozen, validated Config.
+
+The schema is `configs/base_v2.yml`: every key, its default and (through the default's type) its type.
+Layers, lowest precedence first:
+  base_v2.yml < configs/models/<model_name>.yml < the YAML named on the command line
+  < M_<KEY> environment variables < key=value arguments (and keyword overrides in tests).
+Any mistake is a `ConfigError` whose one-line message names the key; `train.py` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base_v2.yml"
+MODELS_DIR = CONFIG_DIR / "models"
+ENV_PREFIX = "M_"
+
+# Values computed from the others; they cannot be set.
+DERIVED_KEYS = {
+    "micro_batch_size": int,  # sequences per micro-batch over all devices
+    "global_batch_size_to_train_on": int,  # sequences per optimizer step over all devices
+    "global_batch_size_to_load": int,  # = global_batch_size_to_train_on (gradient accumulation included)
+    "eval_batch_size": int,  # sequences per eval batch over all devices
+    "num_slices": int,  # groups of devices joined by the data-centre network (processes, or TPU slices)
+    "ici_parallelism": tuple,  # resolved mesh shape inside a slice, in mesh_axes order
+    "dcn_parallelism": tuple,  # resolved mesh shape across slices, in mesh_axes order
+    "run_dir": str,
+    "checkpoint_dir": str,
+    "tensorboard_dir": str,
+}
+# Keys settable only through the command line / keywords / environment, not by a preset.
+RUN_KEYS = ("run_name", "base_output_directory", "model_name")
+# Keys added on top of base_v2.yml: num_devices is a resolved key (-1 = all devices).
+EXTRA_KEYS = {"num_devices": -1}
+
+
+class ConfigError(ValueError):
+  """A configuration mistake; the message is one line and names the key."""
+
+
+def _closest(name: str, candidates) -> str:
+  close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+  return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise ConfigError(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
+  try:
+    data = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f" line {mark.line + 1}" if mark else ""
+    raise ConfigError(f"{what} {str(path)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ConfigError(f"{what} {str(path)!r} must be a mapping of key: value")
+  return data
+
+
+def schema() -> dict[str, Any]:
+  """Every settable key and its default."""
+  defaults = _read_yaml(BASE_CONFIG, "base config")
+  defaults.update(EXTRA_KEYS)
+  return defaults
+
+
+def key_docs() -> list[tuple[str, str, str]]:
+  """(group, key, comment) for every key of base_v2.yml, in file order."""
+  docs, group = [], ""
+  for line in BASE_CONFIG.read_text().splitlines():
+    header = re.match(r"^# --- (.+) ---$", line)
+    if header:
+      group = header.group(1)
+      continue
+    m = re.match(r"^([a-z_][a-z0-9_]*):(.*?)(?:\s+#\s*(.*))?$", line)
+    if m:
+      docs.append((group, m.group(1), (m.group(3) or "").strip()))
+  return docs
+
+
+def help_text() -> str:
+  defaults = schema()
+  lines = [
+      "usage: python MaxText/train.py MaxText/configs/base_v2.yml [key=value ...]",
+      "       python MaxText/train.py --list-models | --help",
+      "",
+      "Keys (value shown is the default; precedence: base_v2.yml < model preset < your YAML",
+      "< M_<KEY> environment < key=value):",
+  ]
+  group = None
+  for g, key, comment in key_docs():
+    if g != group:
+      lines += ["", f"{g}:"]
+      group = g
+    default = yaml.safe_dump(defaults[key], default_flow_style=True, width=10_000).strip()
+    default = default.removesuffix("\n...").removesuffix("...").strip()
+    if len(default) > 40:
+      default = default[:37] + "..."
+    lines.append(f"  {key}={default:<22} {comment}")
+  lines.append(f"  num_devices=-1                use the first N devices; -1 = all")
+  return "\n".join(lines)
+
+
+def preset_names() -> list[str]:
+  return sorted(p.stem for p in MODELS_DIR.glob("*.yml"))
+
+
+def _describe(kind) -> str:
+  return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          list: "a list"}[kind]
+
+
+def coerce(key: str, value: Any, default: Any, source: str):
+  """Check `value` against the type of `default`; return it in canonical form (lists become tuples)."""
+  kind = type(default)
+
+  def fail():
+    shown = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    raise ConfigError(f"config key {key!r} expects {_describe(kind)}, got {shown!r} ({source})")
+
+  if kind is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      return value.lower() == "true"
+    fail()
+  if kind is int:
+    if isinstance(value, bool):
+      fail()
+    if isinstance(value, int):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+    if isinstance(value, str):
+      try:
+        f = float(value)
+      except ValueError:
+        fail()
+      if f.is_integer():
+        return int(f)
+    fail()
+  if kind is float:
+    if isinstance(value, bool):
+      fail()
+    if isinstance(value, (int, float)):
+      out = float(value)
+    elif isinstance(value, str):
+      try:
+        out = float(value)  # pyyaml reads "3e-4" as a string
+      except ValueError:
+        fail()
+    else:
+      fail()
+    if not math.isfinite(out):
+      fail()
+    return out
+  if kind is str:
+    if value is None:
+      return ""
+    if isinstance(value, (dict, list)):
+      fail()
+    return str(value)
+  if kind is list:
+    if isinstance(value, tuple):
+      value = list(value)
+    if not isinstance(value, list):
+      fail()
+
+    def freeze(v):
+      return tuple(freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    if default and value:
+      inner = type(default[0])
+      for item in value:
+        ok = isinstance(item, (list, tuple)) if inner is list else isinstance(item, inner)
+        if not ok and not (inner is float and isinstance(item, int)):
+          fail()
+    return freeze(value)
+  raise ConfigError(f"config key {key!r} has an unsupported default type {kind.__name__}")
+
+
+def _parse_cli_value(key: str, raw: str, default: Any):
+  if isinstance(default, str):
+    return raw  # strings are taken verbatim: prompt="def f(x):" must not become a YAML mapping
+  try:
+    return yaml.safe_load(raw) if raw != "" else None
+  except yaml.YAMLError:
+    return raw  # coerce() reports it with the key's expected type
+
+
+def parse_argv(argv: Sequence[str], defaults: Mapping[str, Any]) -> tuple[Path | None, dict[str, str]]:
+  """argv = [program, config.yml?, key=value, ...] -> (yaml path, raw overrides)."""
+  args = list(argv[1:])
+  yml = None
+  if args and "=" not in args[0]:
+    yml = Path(args.pop(0))
+  overrides: dict[str, str] = {}
+  for arg in args:
+    if "=" not in arg:
+      hint = " (the config YAML must come first)" if arg.endswith((".yml", ".yaml")) else ""
+      raise ConfigError(f"argument {arg!r} is not key=value{hint}")
+    key, raw = arg.split("=", 1)
+    key = key.strip().removeprefix("--")
+    if key not in defaults:
+      raise ConfigError(f"unknown config key {key!r} on the command line{_closest(key, defaults)}")
+    if key in overrides:
+      raise ConfigError(f"config key {key!r} is given twice on the command line")
+    overrides[key] = raw
+  return yml, overrides
+
+
+def _apply(layer: Mapping[str, Any], values: dict, defaults: Mapping[str, Any], source: str, parse_str=False):
+  for key, value in layer.items():
+    if key in DERIVED_KEYS:
+      raise ConfigError(f"config key {key!r} is derived and cannot be set ({source})")
+    if key not in defaults:
+      raise ConfigError(f"unknown config key {key!r} in {source}{_closest(key, defaults)}")
+    if parse_str:
+      value = _parse_cli_value(key, value, defaults[key])
+    values[key] = coerce(key, value, defaults[key], source)
+
+
+def load_raw(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs) -> dict[str, Any]:
+  """Layer every source into a dict of validated, typed but not yet derived values."""
+  env = os.environ if env is None else env
+  defaults = schema()
+  yml, cli = parse_argv(argv, defaults)
+  values = {k: coerce(k, v, v, "base_v2.yml") for k, v in defaults.items()}
+
+  user_layer = {}
+  if yml is not None and yml.resolve() != BASE_CONFIG:
+    user_layer = _read_yaml(yml, "config file")
+  env_layer = {}
+  for name, raw in env.items():
+    if name.startswith(ENV_PREFIX):
+      key = name[len(ENV_PREFIX):].lower()
+      if key not in defaults:
+        raise ConfigError(f"unknown config key {key!r} from environment variable {name}{_closest(key, defaults)}")
+      env_layer[key] = raw
+  for key in kwargs:
+    if key not in defaults and key not in DERIVED_KEYS:
+      raise ConfigError(f"unknown config key {key!r} in keyword overrides{_closest(key, defaults)}")
+
+  # The preset is chosen by the highest layer that names a model.
+  model_name = values["model_name"]
+  for layer, parse in ((user_layer, False), (env_layer, True), (cli, True), (kwargs, False)):
+    if "model_name" in layer:
+      raw = layer["model_name"]
+      model_name = str(raw) if raw is not None else ""
+  if model_name != "default":
+    path = MODELS_DIR / f"{model_name}.yml"
+    if not path.exists():
+      raise ConfigError(
+          f"unknown model_name {model_name!r}{_closest(model_name, preset_names())}; "
+          f"registered: {', '.join(preset_names())}")
+    preset = _read_yaml(path, "model preset")
+    for key in RUN_KEYS:
+      if key in preset:
+        raise ConfigError(f"model preset {path.name} must not set {key!r}")
+    _apply(preset, values, defaults, f"model preset {path.name}")
+
+  _apply(user_layer, values, defaults, f"config file {yml}")
+  _apply(env_layer, values, defaults, "environment", parse_str=True)
+  _apply(cli, values, defaults, "command line", parse_str=True)
+  _apply(kwargs, values, defaults, "keyword overrides")
+  values["model_name"] = model_name
+  return values
+
+
+def _resolve_parallelism(v: dict, num_devices: int, num_slices: int) -> tuple[tuple, tuple]:
+  axes = v["mesh_axes"]
+  if len(set(axes)) != len(axes) or not axes:
+    raise ConfigError(f"config key 'mesh_axes' must be distinct names, got {list(axes)}")
+  shapes = []
+  for prefix, total in (("ici", num_devices // num_slices), ("dcn", num_slices)):
+    sizes = []
+    for axis in axes:
+      key = f"{prefix}_{axis}_parallelism"
+      if key not in v:
+        raise ConfigError(f"mesh axis {axis!r} has no config key {key!r}")
+      n = v[key]
+      if n == 0 or n < -1:
+        raise ConfigError(f"config key {key!r} must be a positive integer or -1 (fill), got {n}")
+      sizes.append(n)
+    fill = [i for i, n in enumerate(sizes) if n == -1]
+    if len(fill) > 1:
+      names = ", ".join(f"{prefix}_{axes[i]}_parallelism" for i in fill)
+      raise ConfigError(f"only one of {names} may be -1 (fill)")
+    known = math.prod(n for n in sizes if n != -1)
+    if fill:
+      if total % known:
+        raise ConfigError(
+            f"{prefix}_*_parallelism: {known} ways do not divide the {total} "
+            f"{'devices per slice' if prefix == 'ici' else 'slices'}")
+      sizes[fill[0]] = total // known
+    if math.prod(sizes) != total:
+      shown = " x ".join(f"{prefix}_{a}_parallelism={n}" for a, n in zip(axes, sizes))
+      raise ConfigError(
+          f"mesh {shown} = {math.prod(sizes)} does not match the "
+          f"{total} {'devices per slice' if prefix == 'ici' else 'slices'}")
+    shapes.append(tuple(sizes))
+  return shapes[0], shapes[1]
+
+
+def derive(v: dict[str, Any], num_devices: int, num_slices: int = 1) -> dict[str, Any]:
+  """Checks across keys and the values computed from them."""
+  v = dict(v)
+
+  def positive(*keys):
+    for key in keys:
+      if not v[key] > 0:
+        raise ConfigError(f"config key {key!r} must be positive, got {v[key]}")
+
+  positive("steps", "log_period", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads",
+           "base_num_kv_heads", "vocab_size", "max_target_length", "gradient_accumulation_steps",
+           "per_device_batch_size", "learning_rate")
+  for key in ("checkpoint_period", "eval_interval", "base_mlp_dim", "head_dim", "adam_weight_decay",
+              "gradient_clipping_threshold", "z_loss_multiplier", "max_num_checkpoints_to_keep",
+              "eval_per_device_batch_size", "peak_tflops_per_device"):
+    if v[key] < 0:
+      raise ConfigError(f"config key {key!r} must not be negative, got {v[key]}")
+  for key in ("warmup_steps_fraction", "learning_rate_final_fraction", "wsd_decay_steps_fraction"):
+    if not 0.0 <= v[key] <= 1.0:
+      raise ConfigError(f"config key {key!r} must lie in [0, 1], got {v[key]}")
+  choices = {
+      "dtype": ("float32", "bfloat16"), "weight_dtype": ("float32", "bfloat16"),
+      "remat_policy": ("none", "full", "minimal", "save_qkv_proj"),
+      "attention": ("autoselected", "dot_product"), "opt_type": ("adamw",),
+      "lr_schedule_type": ("cosine", "linear", "constant", "wsd"),
+      "dataset_type": ("tfrecord", "synthetic", "tfds"), "mode": ("train", "validation", "test"),
+      "jax_distributed_initialization": ("auto", "on", "off"),
+  }
+  for key, allowed in choices.items():
+    if v[key] not in allowed:
+      raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {v[key]!r}{_closest(v[key], allowed)}")
+  if not v["run_name"] or "/" in v["run_name"]:
+    raise ConfigError(f"config key 'run_name' must be a non-empty name without '/', got {v['run_name']!r}")
+  if not v["mlp_activations"] or len(v["mlp_activations"]) > 2:
+    raise ConfigError("config key 'mlp_activations' must list one or two activations")
+
+  heads, kv_heads, width = v["base_num_query_heads"], v["base_num_kv_heads"], v["base_emb_dim"]
+  if v["head_dim"] == 0:
+    if width % heads:
+      raise ConfigError(
+          f"base_num_query_heads={heads} does not divide base_emb_dim={width}; set head_dim explicitly")
+    v["head_dim"] = width // heads
+  if heads % kv_heads:
+    raise ConfigError(f"base_num_kv_heads={kv_heads} must divide base_num_query_heads={heads}")
+
+  if v["num_devices"] == -1:
+    v["num_devices"] = num_devices
+  elif not 0 < v["num_devices"] <= num_devices:
+    raise ConfigError(f"config key 'num_devices' must be -1 or in 1..{num_devices}, got {v['num_devices']}")
+  elif v["num_devices"] != num_devices and num_slices > 1:
+    raise ConfigError("config key 'num_devices' cannot select a subset of devices in a multi-process run")
+  if v["num_devices"] % num_slices:
+    raise ConfigError(f"{v['num_devices']} devices do not split evenly over {num_slices} slices")
+  v["num_slices"] = num_slices
+  v["ici_parallelism"], v["dcn_parallelism"] = _resolve_parallelism(v, v["num_devices"], num_slices)
+  for rule in v["logical_axis_rules"]:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ConfigError(f"config key 'logical_axis_rules' entry {list(rule)} must be [logical_name, mesh_axes]")
+    mesh = (rule[1],) if isinstance(rule[1], str) else rule[1]
+    for axis in mesh:
+      if axis not in v["mesh_axes"]:
+        raise ConfigError(f"logical_axis_rules maps {rule[0]!r} to {axis!r}, which is not in mesh_axes")
+
+  def whole(per_device, what):
+    n = per_device * v["num_devices"]
+    if not float(n).is_integer() or n < 1:
+      raise ConfigError(f"{what}={per_device} x {v['num_devices']} devices is not a whole number of sequences")
+    return int(n)
+
+  v["micro_batch_size"] = whole(v["per_device_batch_size"], "per_device_batch_size")
+  v["global_batch_size_to_train_on"] = v["micro_batch_size"] * v["gradient_accumulation_steps"]
+  v["global_batch_size_to_load"] = v["global_batch_size_to_train_on"]
+  eval_pdb = v["eval_per_device_batch_size"] or v["per_device_batch_size"]
+  v["eval_batch_size"] = whole(eval_pdb, "eval_per_device_batch_size")
+  from MaxText import sharding  # noqa: PLC0415
+
+  batch_ways = sharding.batch_shards(SimpleNamespace(**v))
+  for key in ("micro_batch_size", "eval_batch_size"):
+    if v[key] % batch_ways:
+      raise ConfigError(
+          f"{key}={v[key]} sequences do not split over the {batch_ways} batch shards of the mesh "
+          f"(rule 'activation_batch' of logical_axis_rules)")
+  if v["learning_rate_schedule_steps"] == -1:
+    v["learning_rate_schedule_steps"] = v["steps"]
+  elif v["learning_rate_schedule_steps"] <= 0:
+    raise ConfigError("config key 'learning_rate_schedule_steps' must be positive or -1")
+  if v["eval_steps"] == 0 or v["eval_steps"] < -1:
+    raise ConfigError(f"config key 'eval_steps' must be positive or -1 (whole split), got {v['eval_steps']}")
+
+  run_dir = os.path.join(os.path.expanduser(v["base_output_directory"]), v["run_name"])
+  v["run_dir"] = run_dir
+  v["checkpoint_dir"] = os.path.join(run_dir, "checkpoints")
+  v["tensorboard_dir"] = os.path.join(run_dir, "tensorboard")
+  return v
+
+
+def _make_config_class():
+  fields = [(k, type(coerce(k, d, d, "base_v2.yml"))) for k, d in schema().items()]
+  fields += [(k, t) for k, t in DERIVED_KEYS.items()]
+  cls = dataclasses.make_dataclass("Config", fields, frozen=True)
+  cls.__doc__ = "Frozen, validated configuration of one run (see configs/base_v2.yml)."
+
+  def to_dict(self) -> dict[str, Any]:
+    def thaw(x):
+      return [thaw(i) for i in x] if isinstance(x, tuple) else x
+    return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+  def to_yaml(self) -> str:
+    """Settable keys as YAML (so the file is itself a valid config), derived values as comments."""
+    values = self.to_dict()
+    settable = {k: v for k, v in values.items() if k not in DERIVED_KEYS}
+    text = yaml.safe_dump(settable, sort_keys=False, default_flow_style=None, width=120)
+    derived = "".join(f"# {k}: {values[k]}\n" for k in DERIVED_KEYS)
+    return text + "# --- derived (not settable) ---\n" + derived
+
+  cls.to_dict, cls.to_yaml = to_dict, to_yaml
+  return cls
+
+
+Config = _make_config_class()
+
+
+def initialize(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs) -> Config:
+  """Parse argv (= [program, config.yml, key=value, ...]); the MaxText entry point.
+
+  Initialises jax.distributed when the config asks for it or a cluster is detected, because the
+  device count is needed to derive batch sizes and the mesh.
+  """
+  values = load_raw(argv, env, **kwargs)
+  from MaxText import distributed  # noqa: PLC0415 (jax is imported only once the keys are known good)
+
+  distributed.maybe_initialize(values)
+  import jax  # noqa: PLC0415
+
+  values = derive(values, jax.device_count(), distributed.num_slices())
+  from MaxText import models  # noqa: PLC0415
+
+  config = Config(**values)
+  models.get_family(config.decoder_block).validate(config)
+  return config

@@ -1,0 +1,87 @@
+"""Pure training and evaluation steps over the state pytree (see train_state.py)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from MaxText.train_state import ModelSpec, bind
+
+BATCH_KEYS = ("inputs", "targets", "inputs_position", "inputs_segmentation", "targets_segmentation")
+SUM_KEYS = ("nll_sum", "z_loss_sum", "aux_loss_sum", "tokens")
+
+
+def loss_sums(model, batch: dict, z_loss_multiplier: float) -> tuple[jax.Array, dict]:
+  """Summed (not averaged) objective over the batch's target tokens, and the sums behind it.
+
+  Sums make micro-batches add up exactly: the mean is taken once, over every token of the step.
+  """
+  logits_BLV, aux = model(batch["inputs"], batch["inputs_position"], batch["inputs_segmentation"])
+  mask_BL = (batch["targets_segmentation"] != 0).astype(jnp.float32)
+  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  target_logit_BL = jnp.take_along_axis(logits_BLV, batch["targets"][..., None], axis=-1)[..., 0]
+  nll_sum = jnp.sum((logz_BL - target_logit_BL) * mask_BL)
+  z_loss_sum = z_loss_multiplier * jnp.sum(jnp.square(logz_BL) * mask_BL)
+  tokens = jnp.sum(mask_BL)
+  # A family's extra loss is a per-token mean; weighting by tokens keeps accumulation exact.
+  aux_loss_sum = jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32) * tokens
+  sums = {"nll_sum": nll_sum, "z_loss_sum": z_loss_sum, "aux_loss_sum": aux_loss_sum, "tokens": tokens}
+  return nll_sum + z_loss_sum + aux_loss_sum, sums
+
+
+def split_micro_batches(batch: dict, n: int) -> dict:
+  """[n*M, ...] -> [n, M, ...] taking rows n apart, so every micro-batch draws from every batch shard."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[dict, dict], tuple[dict, dict]]:
+  accumulation = config.gradient_accumulation_steps
+  z_loss = config.z_loss_multiplier
+
+  def grad_sums(params, batch):
+    fn = lambda p: loss_sums(bind(spec, p), batch, z_loss)  # noqa: E731
+    (_, sums), grads = jax.value_and_grad(fn, has_aux=True)(params)
+    return jax.tree.map(lambda g: g.astype(jnp.float32), grads), sums
+
+  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    params = state["params"]
+    if accumulation == 1:
+      grads, sums = grad_sums(params, batch)
+    else:
+      def body(carry, micro):
+        grads, sums = grad_sums(params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+      zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params),
+               {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
+      (grads, sums), _ = jax.lax.scan(body, zeros, split_micro_batches(batch, accumulation))
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_params = jax.tree.map(lambda new, old: new.astype(old.dtype), new_params, params)
+    metrics = {
+        "loss": sums["nll_sum"] / tokens,
+        "z_loss": sums["z_loss_sum"] / tokens,
+        "aux_loss": sums["aux_loss_sum"] / tokens,
+        "tokens": sums["tokens"],
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_params),
+        "learning_rate": schedule(state["step"]),
+    }
+    new_state = {**state, "step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(config, spec: ModelSpec) -> Callable[[dict, dict], dict]:
+  def eval_step(params: dict, batch: dict) -> dict:
+    _, sums = loss_sums(bind(spec, params), batch, config.z_loss_multiplier)
+    return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+
+  return eval_step
