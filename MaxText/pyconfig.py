@@ -97,6 +97,7 @@ def help_text() -> str:
   lines = [
       "usage: python MaxText/train.py MaxText/configs/base_v2.yml [key=value ...]",
       "       python MaxText/train.py --list-models | --help",
+      "       python MaxText/train.py MaxText/configs/base_v2.yml model_name=NAME --count-params",
       "",
       "Keys (value shown is the default; precedence: base_v2.yml < model preset < your YAML",
       "< M_<KEY> environment < key=value):",

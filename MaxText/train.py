@@ -2,6 +2,7 @@
 
   python MaxText/train.py MaxText/configs/base_v2.yml run_name=demo [key=value ...]
   python MaxText/train.py --help | --list-models
+  python MaxText/train.py MaxText/configs/base_v2.yml model_name=Llama2Medium --count-params
 
 Running the same command again resumes from the run's latest checkpoint. `mode=validation` or
 `mode=test` evaluates the latest checkpoint on that split instead of training.
@@ -297,6 +298,23 @@ def list_models() -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def count_params(config) -> str:
+  """Parameters of the configured model (total, embedding tables, the rest) and its FLOPs per token."""
+  import jax  # noqa: PLC0415
+
+  from MaxText import train_state  # noqa: PLC0415
+
+  spec = train_state.model_spec(config)
+  sizes = jax.tree.map(lambda x: x.size, spec.shapes)
+  embedding = sum(n for n, role in zip(jax.tree.leaves(sizes), jax.tree.leaves(spec.roles)) if role == "embedding")
+  lines = [f"model {config.model_name} ({config.decoder_block})",
+           f"  parameters      {spec.num_params:>16,}",
+           f"  input embedding {embedding:>16,}",
+           f"  the rest        {spec.num_params - embedding:>16,}",
+           f"  training FLOPs per token at length {config.max_target_length}: {_family(config).flops_per_token(config):,.0f}"]
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   flags = [a for a in argv[1:] if a.startswith("--") and "=" not in a]
@@ -307,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--list-models" in flags:
       print(list_models())
       return 0
+    counting = "--count-params" in flags
+    flags = [f for f in flags if f != "--count-params"]
     if flags:
-      raise pyconfig.ConfigError(f"unknown option {flags[0]!r} (options: --help, --list-models)")
-    config = pyconfig.initialize(argv)
+      raise pyconfig.ConfigError(f"unknown option {flags[0]!r} (options: --help, --list-models, --count-params)")
+    config = pyconfig.initialize([a for a in argv if a != "--count-params"])
+    if counting:
+      print(count_params(config))
+      return 0
     if config.mode == "train":
       train_and_evaluate(config)
     else:

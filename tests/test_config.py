@@ -145,6 +145,14 @@ def test_cli_help_and_list_models():
   assert "Llama2Medium" in out.stdout and "411.6M" in out.stdout
 
 
+def test_count_params_matches_the_reference_count():
+  out = run_cli("MaxText/configs/base_v2.yml", "model_name=Llama2Medium", "--count-params")
+  assert out.returncode == 0, out.stderr
+  total = int(out.stdout.split("parameters")[1].split()[0].replace(",", ""))
+  assert total == 411_616_256  # 24 x (4 x 1024^2 + 3 x 1024 x 2816 + 2 x 1024) + 2 x 50432 x 1024 + 1024
+  assert "embedding" in out.stdout and "FLOPs per token" in out.stdout
+
+
 def test_module_entry_point_works():
   import os
   out = subprocess.run([sys.executable, "-m", "MaxText.train", "--help"], cwd=ROOT, capture_output=True,
