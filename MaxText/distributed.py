@@ -41,7 +41,7 @@ def num_slices() -> int:
   """Groups of devices joined by the slow network: TPU slices when devices say so, else processes."""
   import jax  # noqa: PLC0415
 
-  slice_ids = {getattr(d, "slice_index", None) for d in jax.devices()}
-  if None not in slice_ids:
-    return len(slice_ids)
+  devices = jax.devices()
+  if devices[0].platform == "tpu":  # only TPU slice indices describe the data-centre network
+    return len({getattr(d, "slice_index", 0) for d in devices})
   return jax.process_count()

@@ -38,7 +38,7 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   if math.prod(ici) * math.prod(dcn) != len(devices):
     raise ShardingError(f"mesh {ici} x {dcn} needs {math.prod(ici) * math.prod(dcn)} devices, got {len(devices)}")
   if math.prod(dcn) > 1:
-    on_tpu = all(getattr(d, "slice_index", None) is not None for d in devices)
+    on_tpu = devices[0].platform == "tpu"
     array = mesh_utils.create_hybrid_device_mesh(
         ici, dcn, devices, process_is_granule=not on_tpu, allow_split_physical_axes=True)
   elif len(devices) > 1 and devices[0].platform in ("tpu", "gpu"):

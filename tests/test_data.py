@@ -210,7 +210,7 @@ def test_no_packing_one_document_per_row():
 # --- Iterators over TFRecords ---
 
 def test_batches_have_the_promised_shapes_and_bos_eos(token_dataset):
-  config = make_config(dataset_path=str(token_dataset))
+  config = make_config(dataset_path=str(token_dataset), packed_shuffle_buffer_size=0)
   assert input_pipeline.resolve_dataset(config) == (str(token_dataset), "")
   batch = next(input_pipeline.create_iterator(config, "train"))
   assert set(batch) == set(FIELDS)
@@ -248,7 +248,7 @@ def test_same_seed_same_batches_other_seed_other_order(token_dataset):
 
 def test_each_epoch_is_shuffled_differently(token_dataset):
   config = make_config(dataset_path=str(token_dataset), packing=False, max_target_length=48, num_epochs=2,
-                       add_bos=False, add_eos=False)
+                       add_bos=False, add_eos=False, packed_shuffle_buffer_size=0)
   rows = docs_of_rows(list(input_pipeline.create_iterator(config, "train")))
   half = len(rows) // 2
   assert sorted(rows[:half]) == sorted(rows[half:]) and rows[:half] != rows[half:]
@@ -436,3 +436,32 @@ def test_default_corpus_is_safe_when_processes_start_together(tmp_path):
   assert sum(r[1].count("preparing the default corpus") for r in results) == 1
   folder = Path(results[0][0].strip())
   assert (folder / "dataset_info.json").is_file() and len(list(folder.glob("train-*.tfrecord"))) >= 1
+
+
+def row_keys(batches):
+  return [tuple(b["inputs"][r]) + tuple(b["targets"][r]) for b in batches for r in range(len(b["inputs"]))
+          if b["inputs_segmentation"][r].any()]
+
+
+def test_the_row_shuffle_mixes_documents_and_is_a_seeded_permutation(tmp_path):
+  # Documents far longer than a batch: in stream order a batch holds one document.
+  rng = np.random.default_rng(3)
+  write_split(tmp_path, "train", [rng.integers(4, VOCAB, int(rng.integers(400, 600))).tolist() for _ in range(6)], 1)
+  plain = make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=0, add_bos=False)
+  mixed = make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=64, add_bos=False)
+  ordered = list(input_pipeline.create_iterator(plain, "train"))
+  shuffled = list(input_pipeline.create_iterator(mixed, "train"))
+  assert sorted(row_keys(shuffled)) == sorted(row_keys(ordered)), "every row exactly once"
+  assert row_keys(shuffled) != row_keys(ordered)
+  again = list(input_pipeline.create_iterator(mixed, "train"))
+  assert row_keys(again) == row_keys(shuffled), "deterministic for a seed"
+  other = list(input_pipeline.create_iterator(
+      make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=64, add_bos=False,
+                  data_shuffle_seed=5), "train"))
+  assert row_keys(other) != row_keys(shuffled)
+
+  # Rows of one document continue each other: row r+1 starts with row r's last target.
+  contiguous = sum(int(np.array_equal(b["inputs"][1:, 0], b["targets"][:-1, -1])) for b in ordered[:10])
+  assert contiguous >= 8, "without the row shuffle, rows of a batch continue one another"
+  contiguous = sum(int(np.array_equal(b["inputs"][1:, 0], b["targets"][:-1, -1])) for b in shuffled[:10])
+  assert contiguous <= 1, "with it, they do not"

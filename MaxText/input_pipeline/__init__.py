@@ -34,13 +34,15 @@ class DataIterator:
   """
 
   def __init__(self, source, *, name: str, rows: int, length: int, packing_on: bool, epochs: int | None,
-               bos_id: int | None, eos_id: int | None, vocab_size: int, shard: tuple[int, int] = (0, 1)):
+               bos_id: int | None, eos_id: int | None, vocab_size: int, shard: tuple[int, int] = (0, 1),
+               row_shuffle: tuple[int, int] | None = None):
     self._source, self._name = source, name
     self._rows, self._length, self._packing = rows, length, packing_on
     self._epochs = epochs  # None = repeat forever
     self._bos_id, self._eos_id, self._vocab_size = bos_id, eos_id, vocab_size
+    self._row_shuffle = row_shuffle  # (buffer rows, seed) or None
     self._fingerprint = (f"{name}|process={shard[0]}/{shard[1]}|{rows}x{length}|packing={packing_on}"
-                         f"|bos={bos_id}|eos={eos_id}")
+                         f"|bos={bos_id}|eos={eos_id}|row_shuffle={row_shuffle}")
     self._batch_count: int | None = None
     self._restart((0, 0, 0), consumed=0)
 
@@ -55,6 +57,8 @@ class DataIterator:
       return  # the state of an exhausted stream
     batcher = packing.Packer if self._packing else packing.RowPerDocument
     self._batcher = batcher(self._chunks(*start), self._rows, self._length, start)
+    if self._row_shuffle is not None:
+      self._batcher = packing.RowShuffler(self._batcher, self._rows, *self._row_shuffle)
 
   def _chunks(self, epoch: int, doc: int, offset: int) -> Iterator[packing.Chunk]:
     while self._epochs is None or epoch < self._epochs:
@@ -90,8 +94,10 @@ class DataIterator:
 
   def get_state(self) -> dict:
     position = self._batcher.position() if self._batcher is not None else None
+    if isinstance(position, tuple):
+      position = list(position)
     return {"version": _STATE_VERSION, "batches_consumed": self._consumed, "fingerprint": self._fingerprint,
-            "position": list(position) if position is not None else None}
+            "position": position}
 
   def set_state(self, state: dict):
     """Continue as an uninterrupted iterator would after `state["batches_consumed"]` batches."""
@@ -99,6 +105,7 @@ class DataIterator:
     if not isinstance(consumed, int) or consumed < 0:
       raise ValueError(f"data iterator state needs a non-negative 'batches_consumed', got {state!r}")
     position = state.get("position", ())
+    # A row-shuffled stream records "replay": its buffer is not a stream position, so it is rebuilt.
     exact = position is None or (isinstance(position, (list, tuple)) and len(position) == 3)
     if exact and state.get("version") == _STATE_VERSION and state.get("fingerprint") == self._fingerprint:
       self._restart(tuple(int(x) for x in position) if position is not None else None, consumed)
@@ -213,4 +220,6 @@ def create_iterator(config, split: str, *, process_index: int = 0, process_count
       source, name=split, rows=rows, length=config.max_target_length, packing_on=config.packing, epochs=epochs,
       bos_id=(tokenizer.bos_id if tokenizer else BOS_ID) if config.add_bos else None,
       eos_id=(tokenizer.eos_id if tokenizer else EOS_ID) if config.add_eos else None,
-      vocab_size=config.vocab_size, shard=(process_index, process_count))
+      vocab_size=config.vocab_size, shard=(process_index, process_count),
+      row_shuffle=((config.packed_shuffle_buffer_size, config.data_shuffle_seed)
+                   if train and config.packed_shuffle_buffer_size > 0 else None))

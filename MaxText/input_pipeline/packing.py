@@ -164,6 +164,53 @@ class Packer:
     return _pad_rows(batch, self._R)
 
 
+class RowShuffler:
+  """Shuffles the rows of a batcher through a buffer, so a training batch mixes many documents.
+
+  A long document fills many consecutive rows; without this, a batch (and its neighbours) would come
+  from one or two documents, and the loss would jump with the document at hand. Deterministic for a
+  seed. Its stream position is not a document offset, so a resumed iterator replays the rows instead.
+  """
+
+  def __init__(self, inner, rows: int, buffer_rows: int, seed: int):
+    self._inner, self._R, self._size = inner, rows, max(buffer_rows, rows)
+    self._rng = np.random.default_rng([seed, 0x5EED])
+    self._buffer: dict[str, np.ndarray] | None = None
+    self._inner_done = False
+
+  def position(self):
+    return None if self._finished() else "replay"
+
+  def _count(self) -> int:
+    return 0 if self._buffer is None else len(self._buffer["inputs"])
+
+  def _finished(self) -> bool:
+    return self._inner_done and self._count() == 0
+
+  def _fill(self):
+    while not self._inner_done and self._count() < self._size + self._R:
+      batch = self._inner.next_batch()
+      if batch is None:
+        self._inner_done = True
+        break
+      real_R = batch["inputs_segmentation"].any(axis=1)  # drop the padding rows of a tail batch
+      batch = {k: v[real_R] for k, v in batch.items()}
+      self._buffer = batch if self._buffer is None else {
+          k: np.concatenate([self._buffer[k], batch[k]]) for k in FIELDS}
+
+  def next_batch(self, build: bool = True) -> dict[str, np.ndarray] | None:
+    self._fill()
+    count = self._count()
+    if count == 0:
+      return None
+    pick = self._rng.choice(count, size=min(self._R, count), replace=False)
+    keep = np.ones(count, bool)
+    keep[pick] = False
+    batch = {k: v[pick] for k, v in self._buffer.items()} if build else {}
+    self._buffer = {k: v[keep] for k, v in self._buffer.items()}
+    return _pad_rows(batch, self._R) if build else {}
+
+
 class RowPerDocument:
   """One document per row (packing off): truncated to L+1 tokens, padded with 0 and segmentation 0.
 
