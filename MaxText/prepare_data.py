@@ -8,6 +8,13 @@ documents to split, so each file is cut into documents at blank lines once a pie
 characters (at a line break after 8000 characters when there is no blank line). The output folder
 holds tokenizer.model, {split}-{i:05d}-of-{n:05d}.tfrecord (feature `tokens`, no BOS/EOS; the loader
 adds them) and dataset_info.json; it is written to a temporary folder and renamed at the end.
+
+Byte-level data (enwik8-style: one long stream, losses in bits per byte; train with tokenizer_type=byte):
+  python MaxText/prepare_data.py --input enwik8 --output_dir data/enwik8 --tokenizer byte --contiguous \
+      --validation_fraction 0.05 --test_fraction 0.05
+`--contiguous` keeps the input (files in order) one stream: its first part is train, then validation,
+then test, each cut into documents of --document_chars characters. `--vocab_only` only trains the
+SentencePiece model (the reference's train_vocab mode) and writes <output_dir>/tokenizer.model.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ if not __package__:  # run as a script: make `MaxText` importable
 from tqdm import tqdm  # noqa: E402
 
 from MaxText.input_pipeline import tfrecord  # noqa: E402
-from MaxText.input_pipeline.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from MaxText.input_pipeline.tokenizer import ByteTokenizer, Tokenizer, train_sentencepiece  # noqa: E402
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
                       ".go", ".rs", ".sh", ".json", ".yaml", ".yml", ".toml", ".html", ".css", ".tex")
 INFO_FILE = "dataset_info.json"
+TOKENIZERS = ("sentencepiece", "byte")
 _DOC_TARGET_CHARS, _DOC_LIMIT_CHARS = 2000, 8000
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _ENCODE_BATCH_CHARS = 4 << 20
@@ -159,22 +167,29 @@ def _move_into_place(tmp: Path, out: Path):
     os.replace(tmp, out)
 
 
-def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path: str | None = None,
-            validation_fraction: float = 0.01, test_fraction: float = 0.01, num_shards: int = 4,
-            extensions: Sequence[str] = DEFAULT_EXTENSIONS, exclude_dirs: Sequence[str] = (),
-            progress: bool = True) -> dict:
-  """Prepare a dataset folder from text files (see the module docstring); returns the summary."""
-  if not (0 <= validation_fraction and 0 <= test_fraction and validation_fraction + test_fraction < 1):
-    raise PrepareError("--validation_fraction and --test_fraction must be >= 0 and sum to less than 1")
-  if num_shards < 1:
-    raise PrepareError(f"--num_shards must be at least 1, got {num_shards}")
-  if tokenizer_path and not os.path.isfile(os.path.expanduser(tokenizer_path)):
-    raise PrepareError(f"--tokenizer_path {tokenizer_path!r} is not a file")
-  files = find_input_files(input, extensions, exclude_dirs)
-  if not files:
-    raise PrepareError(f"--input {input!r} matched no files (folders are searched for {', '.join(extensions)})")
-
-  # A document is (key, file path, text or None = the whole file, read when written).
+def _documents(files, validation_fraction: float, test_fraction: float, contiguous: bool,
+               document_chars: int) -> tuple[dict, dict[str, list[str]]]:
+  """(documents, splits): a document is key -> (file path, text or None = the whole file, read when written)."""
+  if contiguous:
+    # One stream (enwik8-style): the files in order, cut into train | validation | test by the fractions,
+    # then into documents of document_chars characters.
+    texts = []
+    for path, _ in files:
+      text = _read_text(path)
+      if text is None:
+        raise PrepareError(f"cannot read input file {path!r}")
+      texts.append(text)
+    stream = "".join(texts)
+    train_end = round(len(stream) * (1 - validation_fraction - test_fraction))
+    bounds = {"train": (0, train_end), "validation": (train_end, train_end + round(len(stream) * validation_fraction)),
+              "test": (train_end + round(len(stream) * validation_fraction), len(stream))}
+    documents, splits = {}, {}
+    for split, (start, end) in bounds.items():
+      splits[split] = []
+      for i, at in enumerate(range(start, end, document_chars)):
+        documents[f"{split}#{i}"] = (files[0][0], stream[at:min(at + document_chars, end)])
+        splits[split].append(f"{split}#{i}")
+    return documents, splits
   if len(files) >= 3:
     documents = {key: (path, None) for path, key in files}
   else:
@@ -185,36 +200,91 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
         raise PrepareError(f"cannot read input file {path!r}")
       for i, piece in enumerate(split_into_documents(text)):
         documents[f"{key}#{i}"] = (path, piece)
-  splits = assign_splits(list(documents), validation_fraction, test_fraction)
+  return documents, assign_splits(list(documents), validation_fraction, test_fraction)
+
+
+def _train_tokenizer(files, documents, splits, model_path: Path, vocab_size: int) -> Tokenizer:
+  """A SentencePiece model trained on the training split (all documents if it is empty)."""
+  train_keys = splits["train"] or list(documents)
+  if documents[train_keys[0]][1] is None:  # whole files
+    source = [documents[k][0] for k in train_keys]
+  else:
+    source = iter([documents[k][1] for k in train_keys])
+  try:
+    return train_sentencepiece(source, model_path, vocab_size)
+  except ValueError as e:
+    raise PrepareError(str(e)) from None
+
+
+def _check_args(validation_fraction, test_fraction, tokenizer, document_chars):
+  if not (0 <= validation_fraction and 0 <= test_fraction and validation_fraction + test_fraction < 1):
+    raise PrepareError("--validation_fraction and --test_fraction must be >= 0 and sum to less than 1")
+  if tokenizer not in TOKENIZERS:
+    raise PrepareError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
+  if document_chars < 1:
+    raise PrepareError(f"--document_chars must be at least 1, got {document_chars}")
+
+
+def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path: str | None = None,
+            validation_fraction: float = 0.01, test_fraction: float = 0.01, num_shards: int = 4,
+            extensions: Sequence[str] = DEFAULT_EXTENSIONS, exclude_dirs: Sequence[str] = (),
+            progress: bool = True, tokenizer: str = "sentencepiece", contiguous: bool = False,
+            document_chars: int = 1_000_000) -> dict:
+  """Prepare a dataset folder from text files (see the module docstring); returns the summary."""
+  _check_args(validation_fraction, test_fraction, tokenizer, document_chars)
+  if num_shards < 1:
+    raise PrepareError(f"--num_shards must be at least 1, got {num_shards}")
+  if tokenizer_path and tokenizer == "byte":
+    raise PrepareError("--tokenizer_path is a SentencePiece model; --tokenizer byte needs none")
+  if tokenizer_path and not os.path.isfile(os.path.expanduser(tokenizer_path)):
+    raise PrepareError(f"--tokenizer_path {tokenizer_path!r} is not a file")
+  files = find_input_files(input, extensions, exclude_dirs)
+  if not files:
+    raise PrepareError(f"--input {input!r} matched no files (folders are searched for {', '.join(extensions)})")
+  documents, splits = _documents(files, validation_fraction, test_fraction, contiguous, document_chars)
 
   out, tmp = _prepare_output(output_dir)
   try:
     model_path = tmp / "tokenizer.model"
-    if tokenizer_path:
+    if tokenizer == "byte":
+      encoder = ByteTokenizer()
+    elif tokenizer_path:
       shutil.copyfile(os.path.expanduser(tokenizer_path), model_path)
       try:
-        tokenizer = Tokenizer(model_path)
+        encoder = Tokenizer(model_path)
       except ValueError as e:
         raise PrepareError(f"--tokenizer_path: {e}") from None
     else:
-      train_keys = splits["train"] or list(documents)
-      if len(files) >= 3:
-        source = [documents[k][0] for k in train_keys]
-      else:
-        source = iter([documents[k][1] for k in train_keys])
-      try:
-        tokenizer = train_sentencepiece(source, model_path, vocab_size)
-      except ValueError as e:
-        raise PrepareError(str(e)) from None
-    summary = _write_splits(tmp, splits, documents, tokenizer, num_shards, progress)
-    summary.update(format_version=FORMAT_VERSION, input=input, vocab_size=tokenizer.vocab_size,
-                   tokenizer_path=str(out / "tokenizer.model"), output_dir=str(out))
+      encoder = _train_tokenizer(files, documents, splits, model_path, vocab_size)
+    summary = _write_splits(tmp, splits, documents, encoder, num_shards, progress)
+    summary.update(format_version=FORMAT_VERSION, input=input, vocab_size=encoder.vocab_size, tokenizer=tokenizer,
+                   tokenizer_path=str(out / "tokenizer.model") if tokenizer != "byte" else "", output_dir=str(out))
     (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _move_into_place(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return summary
+
+
+def train_vocab(input: str, output_dir: str, vocab_size: int = 8192, validation_fraction: float = 0.01,
+                test_fraction: float = 0.01, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+                exclude_dirs: Sequence[str] = (), contiguous: bool = False, document_chars: int = 1_000_000) -> str:
+  """Only train the SentencePiece model (on the split `prepare` would train on): <output_dir>/tokenizer.model.
+
+  The reference's `train_vocab` mode: pass the model to `prepare(tokenizer_path=...)` or `tokenizer_path=`.
+  """
+  _check_args(validation_fraction, test_fraction, "sentencepiece", document_chars)
+  files = find_input_files(input, extensions, exclude_dirs)
+  if not files:
+    raise PrepareError(f"--input {input!r} matched no files (folders are searched for {', '.join(extensions)})")
+  documents, splits = _documents(files, validation_fraction, test_fraction, contiguous, document_chars)
+  out = Path(output_dir).expanduser().absolute()
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise PrepareError(f"cannot write --output_dir {str(out)!r}: {e.strerror}") from None
+  return _train_tokenizer(files, documents, splits, out / "tokenizer.model", vocab_size).path
 
 
 class _SplitWriter:
@@ -236,7 +306,7 @@ class _SplitWriter:
 
   def flush(self):
     for ids in self.tokenizer.encode_batch(self.pending) if self.pending else []:
-      self.writers[self.stats["documents"] % self.n].write_tokens(ids)
+      self.writers[self.stats["documents"] % self.n].write_tokens(list(ids))
       self.stats["documents"] += 1
       self.stats["tokens"] += len(ids)
     self.pending, self.pending_chars = [], 0
@@ -292,12 +362,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--num_shards", type=int, default=4)
   parser.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS),
                       help="file extensions searched for in folders, comma-separated")
+  parser.add_argument("--tokenizer", default="sentencepiece", choices=TOKENIZERS,
+                      help="byte: UTF-8 bytes as ids (train with tokenizer_type=byte); no model is trained")
+  parser.add_argument("--contiguous", action="store_true",
+                      help="one stream split in order into train, validation and test (enwik8-style)")
+  parser.add_argument("--document_chars", type=int, default=1_000_000,
+                      help="--contiguous: characters per document")
+  parser.add_argument("--vocab_only", action="store_true",
+                      help="only train the SentencePiece model: <output_dir>/tokenizer.model")
   args = parser.parse_args(argv)
   extensions = tuple(e if e.startswith(".") else f".{e}" for e in (x.strip() for x in args.extensions.split(",")) if e)
+  split = dict(validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+               extensions=extensions, contiguous=args.contiguous, document_chars=args.document_chars)
   try:
+    if args.vocab_only:
+      if args.tokenizer != "sentencepiece" or args.tokenizer_path:
+        raise PrepareError("--vocab_only trains a SentencePiece model: drop --tokenizer byte and --tokenizer_path")
+      path = train_vocab(args.input, args.output_dir, vocab_size=args.vocab_size, **split)
+      print(f"trained {path} ({Tokenizer(path).vocab_size} pieces)")
+      return 0
     summary = prepare(args.input, args.output_dir, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
-                      validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
-                      num_shards=args.num_shards, extensions=extensions)
+                      num_shards=args.num_shards, tokenizer=args.tokenizer, **split)
   except (PrepareError, tfrecord.DataError) as e:
     print(f"prepare_data: error: {e}", file=sys.stderr)
     return 2

@@ -112,7 +112,7 @@ def help_text() -> str:
     if len(default) > 40:
       default = default[:37] + "..."
     lines.append(f"  {key}={default:<22} {comment}")
-  lines.append(f"  num_devices=-1                use the first N devices; -1 = all")
+  lines.append("  num_devices=-1                use the first N devices; -1 = all")
   return "\n".join(lines)
 
 
@@ -235,8 +235,13 @@ def _apply(layer: Mapping[str, Any], values: dict, defaults: Mapping[str, Any], 
     values[key] = coerce(key, value, defaults[key], source)
 
 
-def load_raw(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs) -> dict[str, Any]:
-  """Layer every source into a dict of validated, typed but not yet derived values."""
+def load_raw(argv: Sequence[str], env: Mapping[str, str] | None = None, *, run_layer: Mapping[str, Any] | None = None,
+             **kwargs) -> dict[str, Any]:
+  """Layer every source into a dict of validated, typed but not yet derived values.
+
+  `run_layer` (see initialize_for_run) sits between the YAML file and the environment.
+  """
+  run_layer = dict(run_layer or {})
   env = os.environ if env is None else env
   defaults = schema()
   yml, cli = parse_argv(argv, defaults)
@@ -258,7 +263,7 @@ def load_raw(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs
 
   # The preset is chosen by the highest layer that names a model.
   model_name = values["model_name"]
-  for layer, parse in ((user_layer, False), (env_layer, True), (cli, True), (kwargs, False)):
+  for layer in (user_layer, run_layer, env_layer, cli, kwargs):
     if "model_name" in layer:
       raw = layer["model_name"]
       model_name = str(raw) if raw is not None else ""
@@ -275,6 +280,7 @@ def load_raw(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs
     _apply(preset, values, defaults, f"model preset {path.name}")
 
   _apply(user_layer, values, defaults, f"config file {yml}")
+  _apply(run_layer, values, defaults, "the run's config.yml")
   _apply(env_layer, values, defaults, "environment", parse_str=True)
   _apply(cli, values, defaults, "command line", parse_str=True)
   _apply(kwargs, values, defaults, "keyword overrides")
@@ -340,10 +346,12 @@ def derive(v: dict[str, Any], num_devices: int, num_slices: int = 1) -> dict[str
   choices = {
       "dtype": ("float32", "bfloat16"), "weight_dtype": ("float32", "bfloat16"),
       "remat_policy": ("none", "full", "minimal", "save_qkv_proj"),
-      "attention": ("autoselected", "dot_product"), "opt_type": ("adamw",),
+      "attention": ("autoselected", "dot_product"), "opt_type": ("adamw", "adafactor"),
       "lr_schedule_type": ("cosine", "linear", "constant", "wsd"),
       "dataset_type": ("tfrecord", "synthetic", "tfds"), "mode": ("train", "validation", "test"),
-      "jax_distributed_initialization": ("auto", "on", "off"),
+      "jax_distributed_initialization": ("auto", "on", "off"), "parametrization": ("sp", "mup"),
+      "decode_sampling_strategy": ("greedy", "weighted", "topk", "nucleus"),
+      "tokenizer_type": ("sentencepiece", "byte"),
   }
   for key, allowed in choices.items():
     if v[key] not in allowed:
@@ -352,6 +360,13 @@ def derive(v: dict[str, Any], num_devices: int, num_slices: int = 1) -> dict[str
     raise ConfigError(f"config key 'run_name' must be a non-empty name without '/', got {v['run_name']!r}")
   if not v["mlp_activations"] or len(v["mlp_activations"]) > 2:
     raise ConfigError("config key 'mlp_activations' must list one or two activations")
+  positive("max_prefill_predict_length", "max_decode_length", "decode_sampling_temperature",
+           "decode_sampling_top_k")
+  if not 0.0 < v["decode_sampling_nucleus_p"] <= 1.0:
+    raise ConfigError(f"config key 'decode_sampling_nucleus_p' must lie in (0, 1], got {v['decode_sampling_nucleus_p']}")
+  from MaxText import parametrization  # noqa: PLC0415
+
+  parametrization.validate(v)
 
   heads, kv_heads, width = v["base_num_query_heads"], v["base_num_kv_heads"], v["base_emb_dim"]
   if v["head_dim"] == 0:
@@ -439,13 +454,14 @@ def _make_config_class():
 Config = _make_config_class()
 
 
-def initialize(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs) -> Config:
+def initialize(argv: Sequence[str], env: Mapping[str, str] | None = None, *,
+               run_layer: Mapping[str, Any] | None = None, **kwargs) -> Config:
   """Parse argv (= [program, config.yml, key=value, ...]); the MaxText entry point.
 
   Initialises jax.distributed when the config asks for it or a cluster is detected, because the
   device count is needed to derive batch sizes and the mesh.
   """
-  values = load_raw(argv, env, **kwargs)
+  values = load_raw(argv, env, run_layer=run_layer, **kwargs)
   from MaxText import distributed  # noqa: PLC0415 (jax is imported only once the keys are known good)
 
   distributed.maybe_initialize(values)
@@ -455,5 +471,25 @@ def initialize(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwar
   from MaxText import models  # noqa: PLC0415
 
   config = Config(**values)
-  models.get_family(config.decoder_block).validate(config)
+  models.check_config(config, schema())
   return config
+
+
+# Keys of a run's config.yml that describe the machine or the command rather than the trained model.
+_NOT_FROM_RUN_GROUPS = ("Sharding", "Distributed")
+_NOT_FROM_RUN_KEYS = ("num_devices", "mode")
+
+
+def initialize_for_run(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs) -> Config:
+  """initialize() for a command about an existing run (decode, evaluation): the resolved config.yml the
+  run wrote is layered between the YAML file and the environment, so `run_name=R` brings the trained
+  model's keys without repeating them; the command line still wins. Mesh, distributed and mode keys are
+  left to this command, which may run on another machine. Without a config.yml this is initialize().
+  """
+  values = load_raw(argv, env, **kwargs)
+  path = Path(os.path.expanduser(values["base_output_directory"])) / values["run_name"] / "config.yml"
+  if not path.is_file():
+    return initialize(argv, env, **kwargs)
+  machine = {key for group, key, _ in key_docs() if group in _NOT_FROM_RUN_GROUPS} | set(_NOT_FROM_RUN_KEYS)
+  layer = {k: v for k, v in _read_yaml(path, "run config").items() if k not in machine}
+  return initialize(argv, env, run_layer=layer, **kwargs)

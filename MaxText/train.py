@@ -10,6 +10,7 @@ Running the same command again resumes from the run's latest checkpoint. `mode=v
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -108,9 +109,10 @@ class Run:
   def evaluate_fn(self):
     import jax  # noqa: PLC0415
 
-    from MaxText import train_step  # noqa: PLC0415
+    from MaxText import input_pipeline, train_step  # noqa: PLC0415
 
-    return jax.jit(train_step.make_eval_step(self.config, self.spec),
+    token_bytes = input_pipeline.token_byte_lengths(self.config)
+    return jax.jit(train_step.make_eval_step(self.config, self.spec, token_bytes),
                    in_shardings=(self.shardings["params"], self.batch_sharding))
 
   def evaluate(self, eval_fn, params, split: str) -> dict[str, float]:
@@ -133,7 +135,10 @@ class Run:
     totals = jax.device_get(totals)
     tokens = float(totals["tokens"])
     loss = float(totals["nll_sum"]) / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": tokens}
+    row = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    if float(totals.get("bytes", 0.0)) > 0:  # data with a tokenizer: nats per token -> bits per byte of text
+      row["bits_per_byte"] = float(totals["nll_sum"]) / math.log(2.0) / float(totals["bytes"])
+    return row
 
 
 def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
@@ -182,48 +187,37 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
       logger.message(f"compiled the train step in {result['compile_seconds']:.1f} s")
 
       step = start_step
-      pending = None  # (step, device metrics) of the last log step, fetched after the next dispatch
-      window = (time.perf_counter(), step)
+      window = _MetricWindow(step, tokens_per_step, flops_per_token, config.num_devices, peak)
 
-      def flush():
-        nonlocal pending, window
-        if pending is None:
-          return
-        logged_step, device_metrics = pending
-        pending = None
-        row = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        now = time.perf_counter()
-        steps_done = logged_step - window[1]
-        elapsed = now - window[0]
-        window = (now, logged_step)
-        row["perplexity"] = float(min(2.0 ** 100, 2.718281828459045 ** row["loss"]))
-        row["step_time"] = elapsed / max(steps_done, 1)
-        row.update(metrics.throughput(tokens_per_step * steps_done, elapsed, flops_per_token,
-                                      config.num_devices, peak))
-        logger.log(logged_step, row)
-        result.update(step=logged_step, **row)
+      def log_window():
+        row = window.fetch()
+        if row is not None:
+          logged_step = row.pop("step")
+          logger.log(logged_step, row)
+          result.update(step=logged_step, **row)
 
       while step < config.steps:
         if step > start_step:
           batch = _global_batch(next(train_data), run.batch_sharding)
         state, step_metrics = step_fn(state, batch)
         step += 1
-        flush()
+        log_window()  # the previous window's values, now that this step is queued behind them
+        window.add(step_metrics)
         if step % config.log_period == 0 or step == config.steps:
-          pending = (step, step_metrics)
+          window.close(step)
           logger.advance(step)
         if config.eval_interval and step % config.eval_interval == 0 and step < config.steps:
-          flush()
+          log_window()
           row = run.evaluate(eval_fn, state["params"], config.eval_split)
           logger.log(step, row, prefix="eval")
           result.update({f"eval_{k}": v for k, v in row.items()})
-          window = (time.perf_counter(), step)
+          window.restart_clock(step)
         if checkpointer is not None:
           checkpointer.save(step, state, train_data.get_state())
         if _stop_agreed(stop.requested, step, config):
           logger.message(f"SIGTERM: stopping at step {step} after a checkpoint")
           break
-      flush()
+      log_window()
       if step == config.steps and config.eval_interval:
         row = run.evaluate(eval_fn, state["params"], config.eval_split)
         logger.log(step, row, prefix="eval")
@@ -237,6 +231,58 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
         checkpointer.close()
       if logger is not None:
         logger.close()
+
+
+class _MetricWindow:
+  """The metrics of the steps since the last log row, summed on the device (no host sync per step).
+
+  `close(step)` ends a window; `fetch()` brings a closed window to the host. The loop fetches one step
+  late, after the next step is dispatched, so the device never waits for the host.
+  """
+
+  MEAN = ("loss", "z_loss", "aux_loss", "grad_norm")  # the window's mean
+  SUM = ("tokens",)  # the window's total; other keys (learning rate, parameter norm) are the last step's
+
+  def __init__(self, step: int, tokens_per_step: int, flops_per_token: float, num_devices: int, peak: float):
+    self.sums, self.steps, self.closed = None, 0, None
+    self.clock = (time.perf_counter(), step)
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.num_devices, self.peak = num_devices, peak
+
+  def add(self, metrics: dict) -> None:
+    if self.sums is None:
+      self.sums = metrics
+    else:
+      self.sums = {k: self.sums[k] + v if k in self.MEAN + self.SUM else v for k, v in metrics.items()}
+    self.steps += 1
+
+  def close(self, step: int) -> None:
+    self.closed = (step, self.sums, self.steps)
+    self.sums, self.steps = None, 0
+
+  def restart_clock(self, step: int) -> None:
+    """Leave time spent outside training steps (evaluation) out of the throughput."""
+    self.clock = (time.perf_counter(), step)
+
+  def fetch(self) -> dict | None:
+    """The closed window as a metric row with throughput, or None if no window is closed."""
+    import jax  # noqa: PLC0415
+
+    from MaxText import metrics  # noqa: PLC0415
+
+    if self.closed is None:
+      return None
+    step, sums, count = self.closed
+    self.closed = None
+    row = {k: float(v) / count if k in self.MEAN else float(v) for k, v in jax.device_get(sums).items()}
+    now = time.perf_counter()
+    steps_done, elapsed = step - self.clock[1], now - self.clock[0]
+    self.clock = (now, step)
+    row["perplexity"] = math.exp(min(row["loss"], 50.0))
+    row["step_time"] = elapsed / max(steps_done, 1)
+    row.update(metrics.throughput(self.tokens_per_step * steps_done, elapsed, self.flops_per_token,
+                                  self.num_devices, self.peak))
+    return {"step": step, **row}
 
 
 def _stop_agreed(requested: bool, step: int, config) -> bool:
@@ -272,8 +318,9 @@ def evaluate_checkpoint(config) -> dict[str, float]:
   logger.log(step, row, prefix=config.mode)
   logger.close()
   if run.is_primary:
+    bpb = f", {row['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in row else ""
     print(f"{config.mode} split {split!r} at step {step}: loss {row['loss']:.4f}, "
-          f"perplexity {row['perplexity']:.3f}, {row['tokens']:,.0f} tokens", flush=True)
+          f"perplexity {row['perplexity']:.3f}{bpb}, {row['tokens']:,.0f} tokens", flush=True)
   return {"step": step, **row}
 
 
@@ -335,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     if config.mode == "train":
       train_and_evaluate(config)
-    else:
-      evaluate_checkpoint(config)
+    else:  # evaluating an existing run: its config.yml supplies the keys the command line does not
+      evaluate_checkpoint(pyconfig.initialize_for_run(argv))
   except pyconfig.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from MaxText import models, sharding
+from MaxText import models, parametrization, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ModelSpec:
   logical_axes: dict  # params tree of logical axis tuples
   roles: dict  # params tree of role strings
   fan_in: dict  # params tree of fan-in ints (None for embeddings, gains and biases)
+  tags: dict = dataclasses.field(default_factory=dict)  # params tree of layers.TAGS entries or None
 
   @property
   def num_params(self) -> int:
@@ -49,7 +50,11 @@ def model_spec(config) -> ModelSpec:
   # fan_in may be None, which jax.tree treats as an empty subtree, so box it in a 1-tuple and unbox.
   fan_in = nnx.to_pure_dict(jax.tree.map(lambda v: (_metadata(v, "fan_in"),), params, is_leaf=is_var))
   fan_in = jax.tree.map(lambda box: box[0], fan_in, is_leaf=lambda x: isinstance(x, tuple))
-  return ModelSpec(graphdef, params, nnx.to_pure_dict(params), axes, roles, fan_in)
+  tags = nnx.to_pure_dict(jax.tree.map(lambda v: (v.get_metadata().get("tag"),), params, is_leaf=is_var))
+  tags = jax.tree.map(lambda box: box[0], tags, is_leaf=lambda x: isinstance(x, tuple))
+  spec = ModelSpec(graphdef, params, nnx.to_pure_dict(params), axes, roles, fan_in, tags)
+  parametrization.check_spec(config, spec)
+  return spec
 
 
 def bind(spec: ModelSpec, params: dict) -> nnx.Module:
@@ -60,9 +65,9 @@ def bind(spec: ModelSpec, params: dict) -> nnx.Module:
 
 
 def init_params(config, spec: ModelSpec) -> dict:
-  del spec
   model = models.build(config, nnx.Rngs(config.init_weights_seed))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # The parametrization may redraw parameters from their role and fan-in (muP) or zero some.
+  return parametrization.init_params(config, spec, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def init_state(config, spec: ModelSpec, tx: optax.GradientTransformation) -> dict:
@@ -89,10 +94,18 @@ def state_shardings(spec: ModelSpec, abstract: dict, mesh, rules) -> dict:
   params_def = jax.tree.structure(spec.shapes)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def like_params(x):
-    return isinstance(x, dict) and jax.tree.structure(x) == params_def
+  # A partitioned optimizer (optax.partition) keeps per-partition trees with MaskedNode in place of the
+  # parameters another partition owns; they are sharded like the parameters, MaskedNode kept as it is.
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
 
-  opt = jax.tree.map(lambda x: params if like_params(x) else replicated, abstract["opt_state"], is_leaf=like_params)
+  def like_params(x):
+    return isinstance(x, dict) and jax.tree.structure(x, is_leaf=masked) == params_def
+
+  def shard_like_params(x):
+    return jax.tree.map(lambda s, leaf: leaf if masked(leaf) else s, params, x)
+
+  opt = jax.tree.map(lambda x: shard_like_params(x) if like_params(x) else replicated, abstract["opt_state"],
+                     is_leaf=like_params)
   return {"step": replicated, "params": params, "opt_state": opt, "rng": replicated}
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from MaxText.optimizers import STATISTICS_ROLES
 from MaxText.train_state import ModelSpec, bind
 
 BATCH_KEYS = ("inputs", "targets", "inputs_position", "inputs_segmentation", "targets_segmentation")
@@ -28,8 +29,11 @@ def loss_sums(model, batch: dict, z_loss_multiplier: float) -> tuple[jax.Array, 
   tokens = jnp.sum(mask_BL)
   # A family's extra loss is a per-token mean; weighting by tokens keeps accumulation exact.
   aux_loss_sum = jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32) * tokens
+  # The gradient of a family's statistics surrogate (zero-valued) is already a sum over the micro-batch:
+  # it is added unweighted, and only the statistics parameters see it (optimizers.STATISTICS_ROLES).
+  statistics = jnp.asarray(aux.get("codebook_loss", 0.0), jnp.float32)
   sums = {"nll_sum": nll_sum, "z_loss_sum": z_loss_sum, "aux_loss_sum": aux_loss_sum, "tokens": tokens}
-  return nll_sum + z_loss_sum + aux_loss_sum, sums
+  return nll_sum + z_loss_sum + aux_loss_sum + statistics, sums
 
 
 def split_micro_batches(batch: dict, n: int) -> dict:
@@ -41,6 +45,8 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> Callable[[dict, dict], tuple[dict, dict]]:
   accumulation = config.gradient_accumulation_steps
   z_loss = config.z_loss_multiplier
+  # Statistics parameters take their summed gradient whole; the rest the per-token mean.
+  per_token = jax.tree.map(lambda role: role not in STATISTICS_ROLES, spec.roles)
 
   def grad_sums(params, batch):
     fn = lambda p: loss_sums(bind(spec, p), batch, z_loss)  # noqa: E731
@@ -60,7 +66,7 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
                {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
       (grads, sums), _ = jax.lax.scan(body, zeros, split_micro_batches(batch, accumulation))
     tokens = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
+    grads = jax.tree.map(lambda g, mean: g / tokens if mean else g, grads, per_token)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     new_params = jax.tree.map(lambda new, old: new.astype(old.dtype), new_params, params)
@@ -69,7 +75,7 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
         "z_loss": sums["z_loss_sum"] / tokens,
         "aux_loss": sums["aux_loss_sum"] / tokens,
         "tokens": sums["tokens"],
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.global_norm(jax.tree.map(lambda g, mean: g if mean else jnp.zeros(()), grads, per_token)),
         "param_norm": optax.global_norm(new_params),
         "learning_rate": schedule(state["step"]),
     }
@@ -79,9 +85,16 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(config, spec: ModelSpec) -> Callable[[dict, dict], dict]:
+def make_eval_step(config, spec: ModelSpec, token_bytes=None) -> Callable[[dict, dict], dict]:
+  """Summed loss and token count of a batch; with `token_bytes` ([V] bytes of text per token id) also the
+  bytes the target tokens stand for, the denominator of bits per byte."""
+
   def eval_step(params: dict, batch: dict) -> dict:
     _, sums = loss_sums(bind(spec, params), batch, config.z_loss_multiplier)
-    return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+    out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+    if token_bytes is not None:
+      bytes_BL = jnp.take(jnp.asarray(token_bytes, jnp.float32), batch["targets"], axis=0)
+      out["bytes"] = jnp.sum(jnp.where(batch["targets_segmentation"] != 0, bytes_BL, 0.0))
+    return out
 
   return eval_step

@@ -78,6 +78,9 @@ def test_keyword_overrides_and_frozen():
     ([], {}, {"M_STEPZ": "3"}, "unknown config key 'stepz' from environment variable M_STEPZ"),
     ([], {"global_batch_size_to_train_on": 3}, {}, "is derived and cannot be set"),
     (["logical_axis_rules=[[embed, pipeline]]"], {}, {}, "maps 'embed' to 'pipeline', which is not in mesh_axes"),
+    (["alibi=true"], {}, {}, "config key 'alibi'=True applies to decoder_block 'gpt' only"),
+    (["model_name=GPTTiny", "mudd_streams=q,r"], {}, {}, "config key 'mudd_streams'='q,r' applies to decoder_block 'mudd'"),
+    (["model_name=MUDDLlama2Tiny", "vq_num_codes=8"], {}, {}, "'vq_num_codes'=8 applies to decoder_block 'transformer_vq'"),
 ])
 def test_errors_are_one_line_and_name_the_key(args, kwargs, env, fragment):
   with pytest.raises(pyconfig.ConfigError) as e:

@@ -17,10 +17,11 @@ import numpy as np
 
 from MaxText.input_pipeline import default_corpus, packing, tfrecord
 from MaxText.input_pipeline.tfrecord import DataError
-from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, ByteTokenizer, Tokenizer
 from MaxText.pyconfig import ConfigError
 
-__all__ = ["DataError", "DataIterator", "Tokenizer", "create_iterator", "get_tokenizer", "resolve_dataset"]
+__all__ = ["ByteTokenizer", "DataError", "DataIterator", "Tokenizer", "create_iterator", "get_tokenizer",
+           "resolve_dataset", "token_byte_lengths"]
 
 _STATE_VERSION = 1
 
@@ -149,6 +150,9 @@ def resolve_dataset(config) -> tuple[str, str]:
     return "", ""
   if config.dataset_type == "tfds":
     return config.tfds_name, config.tokenizer_path
+  if not config.dataset_path and config.tokenizer_type == "byte":
+    raise ConfigError("tokenizer_type=byte needs dataset_path (the default corpus is SentencePiece-tokenized); "
+                      "prepare one with: python MaxText/prepare_data.py --tokenizer byte --input ... --output_dir ...")
   if not config.dataset_path:
     folder = default_corpus.ensure_default_corpus(
         cache_dir=config.dataset_cache_dir, vocab_size=config.vocab_size, tokenizer_path=config.tokenizer_path)
@@ -167,13 +171,24 @@ def _tokenizer_at(path: str, config) -> Tokenizer:
   return tokenizer
 
 
-def get_tokenizer(config) -> Tokenizer:
-  """The SentencePiece tokenizer of the config's data, checked against vocab_size.
+def _byte_tokenizer(config) -> ByteTokenizer:
+  tokenizer = ByteTokenizer()
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ConfigError(f"tokenizer_type=byte has {tokenizer.vocab_size} token ids but vocab_size={config.vocab_size}; "
+                      f"set vocab_size >= {tokenizer.vocab_size}")
+  return tokenizer
+
+
+def get_tokenizer(config) -> Tokenizer | ByteTokenizer:
+  """The tokenizer of the config's data (SentencePiece, or bytes with tokenizer_type=byte), checked
+  against vocab_size.
 
   Synthetic data has no tokenizer: this raises a ConfigError that says so.
   """
   if config.dataset_type == "synthetic":
     raise ConfigError("dataset_type=synthetic has no tokenizer (its documents are generated token ids)")
+  if config.tokenizer_type == "byte":
+    return _byte_tokenizer(config)
   dataset_path, tokenizer_path = resolve_dataset(config)
   if not tokenizer_path:
     if config.dataset_type == "tfds":
@@ -181,6 +196,17 @@ def get_tokenizer(config) -> Tokenizer:
     raise ConfigError(f"no tokenizer for dataset_path={dataset_path!r}: put tokenizer.model next to the "
                       f"TFRecord files or set tokenizer_path")
   return _tokenizer_at(tokenizer_path, config)
+
+
+def token_byte_lengths(config) -> np.ndarray | None:
+  """[vocab_size] UTF-8 bytes each token id stands for, for bits per byte; None when the data has no tokenizer."""
+  if config.dataset_type == "synthetic":
+    return None
+  try:
+    lengths = get_tokenizer(config).byte_lengths()
+  except ConfigError:
+    return None  # pre-tokenized data without its tokenizer model
+  return np.pad(lengths, (0, config.vocab_size - len(lengths)))
 
 
 def create_iterator(config, split: str, *, process_index: int = 0, process_count: int = 1) -> DataIterator:
@@ -213,7 +239,9 @@ def create_iterator(config, split: str, *, process_index: int = 0, process_count
   else:
     dataset_path, tokenizer_path = resolve_dataset(config)
     files = tfrecord.split_files(dataset_path, split)
-    if tokenizer_path:
+    if config.tokenizer_type == "byte":
+      tokenizer = _byte_tokenizer(config)
+    elif tokenizer_path:
       tokenizer = _tokenizer_at(tokenizer_path, config)
     source = tfrecord.TFRecordSource(files, tokenizer=tokenizer, **shard, **shuffle)
   return DataIterator(

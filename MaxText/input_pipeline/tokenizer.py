@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -53,8 +54,54 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def byte_lengths(self) -> np.ndarray:
+    """[vocab_size] UTF-8 bytes of text each id stands for (0 for control ids): bits per byte's denominator."""
+    out = np.zeros(self.vocab_size, np.int64)
+    for i in range(self.vocab_size):
+      if self._sp.is_byte(i):
+        out[i] = 1
+      elif not (self._sp.is_control(i) or self._sp.is_unknown(i) or self._sp.is_unused(i)):
+        out[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+
   def __repr__(self) -> str:
     return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids: byte b is id b + 4, after pad, unk, bos and eos (260 ids); nothing to train or load.
+
+  For byte-level data such as enwik8 (`tokenizer_type: byte`), where losses are reported in bits per byte.
+  """
+
+  OFFSET = 4
+  path = "byte"
+  vocab_size = 256 + OFFSET
+  pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+  def encode(self, text: str) -> list[int]:
+    return self.encode_array(text).tolist()
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.OFFSET
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [self.encode_array(t) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    # Special ids decode to nothing; a sequence cut inside a character shows a replacement character.
+    data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < self.vocab_size)
+    return data.decode("utf-8", "replace")
+
+  def id_to_piece(self, i: int) -> str:
+    i = int(i)
+    return ("<pad>", "<unk>", "<s>", "</s>")[i] if i < self.OFFSET else f"<0x{i - self.OFFSET:02X}>"
+
+  def byte_lengths(self) -> np.ndarray:
+    return (np.arange(self.vocab_size) >= self.OFFSET).astype(np.int64)
+
+  def __repr__(self) -> str:
+    return "ByteTokenizer()"
 
 
 def _lines_of_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:

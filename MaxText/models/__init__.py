@@ -3,11 +3,15 @@
 A family class is an `nnx.Module` with
   __init__(config, *, rngs)
   __call__(tokens_BL, positions_BL, segment_ids_BL, cache=None) -> (logits_BLV, aux)
-      aux: dict; "aux_loss" (a scalar added to the training objective, token-weighted), "cache"
-      (the updated decode cache when one was given), and any family-specific intermediates.
+      aux: dict; "aux_loss" (a scalar added to the training objective, token-weighted), "codebook_loss"
+      (a zero-valued surrogate whose gradient is the update of the `codebook`-role parameters, added
+      unweighted; see optimizers.STATISTICS_ROLES), "cache" (the updated decode cache when one was
+      given), and any family-specific intermediates.
   init_cache(batch, max_length) -> cache pytree for decoding
   validate(config)            (classmethod) raise ConfigError for impossible family-specific settings
   flops_per_token(config)     (staticmethod) training FLOPs per token (forward + backward)
+  config_keys                 (class attribute) the base_v2.yml keys only this family reads; another
+                              family's run that sets one away from its default is a config error
 `model_name` picks a preset YAML in configs/models/, and the preset's `decoder_block` picks the family.
 """
 
@@ -26,6 +30,8 @@ _FAMILIES: dict[str, type] = {}
 
 class ModelFamily(nnx.Module):
   """Defaults shared by every family."""
+
+  config_keys: tuple[str, ...] = ()
 
   @classmethod
   def validate(cls, config) -> None:
@@ -57,6 +63,19 @@ def get_family(name: str) -> type:
   if name not in _FAMILIES:
     raise ConfigError(f"unknown decoder_block {name!r}; registered families: {', '.join(family_names())}")
   return _FAMILIES[name]
+
+
+def check_config(config, defaults: dict) -> None:
+  """The family's own checks, and no key of another family set away from its default (it would be ignored)."""
+  family = get_family(config.decoder_block)
+  for name, other in sorted(_FAMILIES.items()):
+    if other is family:
+      continue
+    for key in other.config_keys:
+      if getattr(config, key) != defaults[key]:
+        raise ConfigError(f"config key {key!r}={getattr(config, key)!r} applies to decoder_block {name!r} only; "
+                          f"model {config.model_name!r} is decoder_block {config.decoder_block!r}")
+  family.validate(config)
 
 
 def build(config, rngs: nnx.Rngs) -> nnx.Module:

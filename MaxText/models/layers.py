@@ -4,10 +4,16 @@ Shape letters in names (x_BLD, w_DF, ...), used across models/:
   B batch              L query length          S key length (cache slots)
   D model width        H query heads           K key/value heads        G query heads per kv head (H/K)
   E head dim           F MLP width             V vocabulary             N layers
+  U static-SGU channels (D/2, GPT)             R head-QK width (GPT)
+  C dense streams (MUDD)  J dense sources (MUDD)  M dense-weight generator width (MUDD)
+  X blocks of L tokens (VQ)  Z codebook entries (VQ)  W relative-position window (VQ)  T tokens
 
 Every parameter is made by `param`, which records its logical axis names (the only sharding vocabulary;
 `sharding.py` maps them to mesh axes) and its role (embedding, hidden, readout, gain, bias), from which a
-parametrization can derive init scales and learning-rate multipliers.
+parametrization can derive init scales and learning-rate multipliers (see MaxText/parametrization.py).
+
+Layers take an optional `stats` dict: when the model records activations (`record_activations`, for the
+coordinate check) they put mean |activation| of their sites in it; when it is None they add no operation.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ DT = ("activation_embed", "activation_batch")
 FT = ("activation_mlp", "activation_batch")
 BLV = ("activation_batch", "activation_length", "activation_vocab")
 
-ROLES = ("embedding", "hidden", "readout", "gain", "bias")
+# "codebook": running statistics (VQ k-means sums and counts) moved by their own surrogate loss, whose
+# gradient is their whole update (optimizers.STATISTICS_ROLES): no Adam, decay, clipping or 1/tokens.
+ROLES = ("embedding", "hidden", "readout", "gain", "bias", "codebook")
+# "query": the query projection (zero_init_query); "keep_init": an init that is part of the architecture
+# (e.g. a zero-initialised gate that makes a block start as the identity), which no parametrization redraws.
+TAGS = ("query", "keep_init")
 # Large but finite, so that a fully masked row gives a uniform softmax rather than NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -41,12 +52,18 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def dtypes(config) -> tuple[jnp.dtype, jnp.dtype]:
+  """(activation dtype, parameter dtype) of a config."""
+  return jnp.dtype(config.dtype), jnp.dtype(config.weight_dtype)
+
+
 def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: tuple[str | None, ...], *, role: str,
-          dtype, fan_in: int | None = None) -> nnx.Param:
+          dtype, fan_in: int | None = None, tag: str | None = None) -> nnx.Param:
   """A parameter with logical axis names, a role and its fan-in; never placed eagerly (jit shards it).
 
   `fan_in` is the number of inputs summed per output (D for a D->F matrix, H*E for the attention output);
   matrices (roles hidden and readout) must give it, since a parametrization scales them by it.
+  `tag` marks a parameter a parametrization treats specially (one of TAGS).
   """
   if role not in ROLES:
     raise ValueError(f"unknown parameter role {role!r}")
@@ -54,9 +71,11 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: tuple[str | N
     raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
   if role in ("hidden", "readout") and not fan_in:
     raise ValueError(f"a {role} parameter of shape {tuple(shape)} needs its fan_in")
+  if tag is not None and tag not in TAGS:
+    raise ValueError(f"unknown parameter tag {tag!r}")
   key = rngs.params() if rngs is not None else jax.random.key(0)
   return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False, role=role,
-                   fan_in=fan_in)
+                   fan_in=fan_in, tag=tag)
 
 
 def normal(std: float):
@@ -85,13 +104,16 @@ class RMSNorm(nnx.Module):
 
 def rope(x_BLHE: jax.Array, positions_BL: jax.Array, max_timescale: float) -> jax.Array:
   """Rotary embedding, half-split (non-interleaved): pairs (x_k, x_{k+E/2}) rotate by pos / base^(2k/E)."""
-  half = x_BLHE.shape[-1] // 2
-  inv_freq = max_timescale ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BLHE.shape[-1])
-  angle_BL1E = (positions_BL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, :]
-  sin, cos = jnp.sin(angle_BL1E), jnp.cos(angle_BL1E)
-  x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BLHE.dtype)
+  E = x_BLHE.shape[-1]
+  half = E // 2
+  inv_freq = max_timescale ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / E)
+  angle_BL11E = (positions_BL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, None, :]
+  # View x as its two halves [.., 2, E/2]: the rotation is x*cos + swap(x)*(-sin, +sin), with the swap a
+  # reverse of the size-2 axis rather than a concatenation (cheaper forward and backward on CPU).
+  x_BLH2E = x_BLHE.astype(jnp.float32).reshape(*x_BLHE.shape[:-1], 2, half)
+  sign_21 = jnp.array([[-1.0], [1.0]], jnp.float32)
+  out = x_BLH2E * jnp.cos(angle_BL11E) + jnp.flip(x_BLH2E, axis=-2) * (sign_21 * jnp.sin(angle_BL11E))
+  return out.reshape(x_BLHE.shape).astype(x_BLHE.dtype)
 
 
 class Embed(nnx.Module):
@@ -126,7 +148,7 @@ class MLP(nnx.Module):
     if use_bias:
       self.bo = param(rngs, zeros, (dim,), ("embed",), role="bias", dtype=weight_dtype)
 
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, stats: dict | None = None) -> jax.Array:
     # Computed feature-major on T = B*L tokens: h_FT = act(w_FD @ x_DT), out_DT = w_DF @ h_FT. The math is
     # the plain MLP's, but with the tokens minor, XLA's CPU backend transposes only the small D-wide
     # tensors; token-major, it transposes the F-wide gradient with the activation's derivative fused in
@@ -141,10 +163,22 @@ class MLP(nnx.Module):
       a_FT = ACTIVATIONS[name](a_FT)
       h_FT = a_FT if h_FT is None else h_FT * a_FT
     h_FT = constrain(h_FT, FT)
+    if stats is not None:
+      stats["mlp_hidden"] = mean_abs(h_FT)
     out_DT = self.wo[...].astype(self.dtype) @ h_FT
     if self.use_bias:
       out_DT = out_DT + self.bo[...].astype(self.dtype)[:, None]
     return out_DT.T.reshape(B, L, D)
+
+
+def output_logits(x_BLD: jax.Array, embed: "Embed", unembed_VD, multiplier: float = 1.0) -> jax.Array:
+  """float32 logits through the tied embedding table (`unembed_VD` None) or an untied [vocab, embed] matrix."""
+  if unembed_VD is None:
+    logits_BLV = embed.attend(x_BLD)
+  else:
+    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, unembed_VD[...].astype(x_BLD.dtype),
+                            preferred_element_type=jnp.float32)
+  return logits_BLV if multiplier == 1.0 else logits_BLV * multiplier
 
 
 def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> jax.Array:
@@ -229,3 +263,40 @@ def run_stack(stack: nnx.Module, call: Callable[[nnx.Module, jax.Array, Any], tu
     outs.append(out)
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs) if jax.tree.leaves(outs) else None
   return x, stacked
+
+
+def mean_abs(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
+  """mean |x| in float32 (over the True entries of `where`): the coordinate size a coordinate check tracks."""
+  a = jnp.abs(jax.lax.stop_gradient(x).astype(jnp.float32))
+  if where is None:
+    return jnp.mean(a)
+  where = jnp.broadcast_to(where, a.shape)
+  return jnp.sum(jnp.where(where, a, 0.0)) / jnp.maximum(jnp.sum(where), 1)
+
+
+def attention_logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, scale: float) -> jax.Array:
+  """mean |scale * q.k| over the unmasked pairs; recomputed apart from the attention kernel, which hides them."""
+  B, L, H, E = q_BLHE.shape
+  K = k_BSKE.shape[2]
+  q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
+  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
+  return mean_abs(s_BKGLS, mask_BLS[:, None, None])
+
+
+class LayerNorm(nnx.Module):
+  """(x - mean) / std * scale + bias over the last axis, in float32 whatever the activation dtype."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, weight_dtype, rngs: nnx.Rngs | None = None,
+               use_scale_and_bias: bool = True):
+    self.eps, self.dtype = eps, dtype
+    on = use_scale_and_bias
+    self.scale = param(rngs, constant(1.0), (dim,), ("norm",), role="gain", dtype=weight_dtype) if on else None
+    self.bias = param(rngs, constant(0.0), (dim,), ("norm",), role="bias", dtype=weight_dtype) if on else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
