@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from MaxText import decode, models, parametrization, pyconfig, train_state
+from MaxText import decode, pyconfig, train_state
 from MaxText import eval as eval_cli
+from tests.checks import fast_init
 
 BASE = str(pyconfig.BASE_CONFIG)
 # Generic shrinking that any family accepts: a small vocabulary, length and depth, float32 for exact
@@ -36,18 +36,6 @@ def decode_cases():
 def tiny(tmp_path, name, **overrides):
   values = {**SHRINK, "base_output_directory": str(tmp_path / "runs"), **overrides}
   return pyconfig.initialize([None, BASE, f"model_name={name}"], env={}, **values)
-
-
-def fast_init(config, spec):
-  """The family's own initialisation (and the parametrization's), jitted with counter-based "rbg" keys,
-  which compile in a third of the time of the default threefry keys: tests need such parameters, not
-  the exact draws of a seed."""
-
-  def build():
-    model = models.build(config, nnx.Rngs(jax.random.key(config.init_weights_seed, impl="rbg")))
-    return parametrization.init_params(config, spec, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-  return jax.jit(build)()
 
 
 def init(config):

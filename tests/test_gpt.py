@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import models, parametrization, pyconfig, train_state, train_step
+from MaxText import models, pyconfig, train_state, train_step
 from MaxText.models import gpt, layers
 from tests import reference_gpt
+from tests.checks import assert_causal, fast_init
 
 ALL_FLAGS = dict(alibi=True, parallel_residual=True, static_sgu=True, sgu_band_width=5, head_qk=True, qk_norm=True)
 
@@ -27,18 +28,6 @@ def gpt_config(make_config):
     return make_config(**values)
 
   return make
-
-
-def fast_init(config, spec):
-  """The family's own initialisation (and the parametrization's), jitted with counter-based "rbg" keys,
-  which compile in a third of the time of the default threefry keys: tests need such parameters, not
-  the exact draws of a seed."""
-
-  def build():
-    model = models.build(config, nnx.Rngs(jax.random.key(config.init_weights_seed, impl="rbg")))
-    return parametrization.init_params(config, spec, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-  return jax.jit(build)()
 
 
 def init(config, randomize_head_q=False):
@@ -194,18 +183,7 @@ def test_causality_and_packed_documents_with_every_flag(gpt_config):
   config = gpt_config(**ALL_FLAGS, logits_via_embedding=False)  # a tied readout reads every embedding row
   spec, params = init(config, randomize_head_q=True)
   L = config.max_target_length
-  tokens = jnp.arange(L, dtype=jnp.int32)[None] % config.vocab_size
-  positions, segment_ids = jnp.arange(L, dtype=jnp.int32)[None], jnp.ones((1, L), jnp.int32)
-  t = L // 2
-
-  def output_t(embedding):
-    p = {**params, "embed": {"embedding": embedding}}
-    logits, _ = train_state.bind(spec, p)(tokens, positions, segment_ids)
-    return jnp.sum(logits[0, t] ** 2)
-
-  row_norms = jnp.linalg.norm(jax.jit(jax.grad(output_t))(params["embed"]["embedding"])[tokens[0]], axis=-1)
-  assert jnp.all(row_norms[t + 1:] == 0.0), "an output depends on a later input"
-  assert jnp.all(row_norms[: t + 1] > 0.0), "an output ignores an earlier input"
+  assert_causal(config, spec, params, t=L // 2)
   # Two documents in one row: the second one's logits equal those of the document alone.
   cut = L // 2 - 1
   tokens, _, _ = one_document(config, batch=1)
