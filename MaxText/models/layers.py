@@ -209,6 +209,14 @@ def dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask_BLS, *, scale: float, bia
   return out_BLKGE.reshape(B, L, H, E)
 
 
+def kv_cache(config, batch: int, max_length: int) -> dict[str, jax.Array]:
+  """An empty cache of keys and values per layer, [layers, batch, max_length, kv_heads, head_dim], plus the
+  segment ids of its slots (0 = empty, never attended to)."""
+  shape = (config.base_num_decoder_layers, batch, max_length, config.base_num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype),
+          "segment_ids": jnp.zeros((batch, max_length), jnp.int32)}
+
+
 def cache_write(cache_BS: jax.Array, new_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
   """Write each row's new entries at their positions (a cache slot per position); out of range is dropped."""
   rows_B1 = jnp.arange(cache_BS.shape[0])[:, None]

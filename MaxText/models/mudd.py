@@ -156,10 +156,7 @@ class MUDDFormer(ModelFamily):
 
   def init_cache(self, batch: int, max_length: int):
     """Keys and values per layer; the dense connections mix a position only with itself, so need no cache."""
-    c = self.config
-    shape = (c.base_num_decoder_layers, batch, max_length, c.base_num_kv_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype),
-            "segment_ids": jnp.zeros((batch, max_length), jnp.int32)}
+    return layers.kv_cache(self.config, batch, max_length)
 
   @classmethod
   def validate(cls, config) -> None:

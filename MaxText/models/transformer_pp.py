@@ -142,10 +142,7 @@ class TransformerPP(ModelFamily):
                                 parametrization.logits_multiplier(c))
 
   def init_cache(self, batch: int, max_length: int):
-    c = self.config
-    shape = (c.base_num_decoder_layers, batch, max_length, c.base_num_kv_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype),
-            "segment_ids": jnp.zeros((batch, max_length), jnp.int32)}
+    return layers.kv_cache(self.config, batch, max_length)
 
   @staticmethod
   def flops_per_token(config) -> float:
