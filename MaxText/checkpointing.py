@@ -75,8 +75,15 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {path} does not fit this run's model and optimizer: {_short(e)}") from None
     return restored["state"], dict(restored["data"] or {})
 
-  def _check_fits(self, step: int, path: str, abstract_state: Any) -> None:
-    """Compare stored paths and shapes with the target before any array is read.
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of `step` (no optimizer state or data position), placed as `abstract_params` say."""
+    path = os.path.join(self.directory, str(step))
+    self._check_fits(step, path, {"params": abstract_params}, only="params")
+    return load_parameters(path, abstract_params)
+
+  def _check_fits(self, step: int, path: str, abstract_state: Any, only: str = "") -> None:
+    """Compare stored paths and shapes with the target (the entries under `only`, if given) before any
+    array is read.
 
     A mismatch found by Orbax mid-restore leaves its background reads running; checking the metadata
     first gives a clean error that names the offending entry.
@@ -88,6 +95,8 @@ class Checkpointer:
     stored = getattr(stored, "tree", stored)
     want = _shapes_by_path(abstract_state)
     have = _shapes_by_path(stored)
+    if only:
+      have = {k: v for k, v in have.items() if k == only or k.startswith(only + "/")}
     for key in sorted(set(want) | set(have), key=lambda k: (not k.startswith("params"), k)):
       if key not in have:
         raise CheckpointError(f"checkpoint {path} does not fit this run's model and optimizer: it lacks {key}")
@@ -117,6 +126,23 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple]:
 
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+
+def run_parameters(config, abstract_params: Any, purpose: str) -> tuple[Any, int, str]:
+  """(parameters, step, where from) for a command about an existing run (decode, evaluation): the
+  parameters of the run's latest checkpoint, else those of `load_parameters_path` (step 0). Nothing else
+  of the train state is read."""
+  if config.enable_checkpointing and os.path.isdir(config.checkpoint_dir):
+    checkpointer = Checkpointer.from_config(config)
+    try:
+      latest = checkpointer.latest_step()
+      if latest is not None:
+        return checkpointer.restore_params(latest, abstract_params), latest, os.path.join(config.checkpoint_dir, str(latest))
+    finally:
+      checkpointer.close()
+  if not config.load_parameters_path:
+    raise CheckpointError(f"{purpose} needs a checkpoint: none in {config.checkpoint_dir} and no load_parameters_path")
+  return load_parameters(config.load_parameters_path, abstract_params), 0, config.load_parameters_path
 
 
 def load_parameters(path: str, abstract_params: Any) -> Any:

@@ -222,20 +222,10 @@ def load_params(config, spec, mesh) -> tuple[Any, str]:
   parameters' logical shardings on `mesh`."""
   from MaxText import checkpointing, train_state  # noqa: PLC0415
 
-  path = config.load_parameters_path
-  if config.enable_checkpointing and os.path.isdir(config.checkpoint_dir):
-    checkpointer = checkpointing.Checkpointer.from_config(config)
-    try:
-      latest = checkpointer.latest_step()
-    finally:
-      checkpointer.close()
-    if latest is not None:
-      path = os.path.join(config.checkpoint_dir, str(latest))
-  if not path:
-    raise checkpointing.CheckpointError(
-        f"decoding needs a checkpoint: none in {config.checkpoint_dir} and no load_parameters_path")
   shardings = train_state.param_shardings(spec, mesh, config.logical_axis_rules)
-  return checkpointing.load_parameters(path, train_state.with_shardings(spec.shapes, shardings)), path
+  params, _, source = checkpointing.run_parameters(config, train_state.with_shardings(spec.shapes, shardings),
+                                                   "decoding")
+  return params, source
 
 
 def decode_prompt(config) -> dict[str, Any]:

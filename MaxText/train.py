@@ -297,23 +297,16 @@ def _stop_agreed(requested: bool, step: int, config) -> bool:
 
 
 def evaluate_checkpoint(config) -> dict[str, float]:
-  """mode=validation|test: the loss of the run's latest checkpoint (or load_parameters_path) on that split."""
-  from MaxText import checkpointing, metrics, sharding  # noqa: PLC0415
+  """mode=validation|test: the loss of the run's latest checkpoint (or load_parameters_path) on that split.
+  Only the parameters are read."""
+  from MaxText import checkpointing, metrics, sharding, train_state  # noqa: PLC0415
 
   run = Run(config)
   split = config.eval_split if config.mode == "validation" else config.test_split
   with sharding.use_mesh(run.mesh, run.rules):
-    checkpointer = checkpointing.Checkpointer.from_config(config) if config.enable_checkpointing else None
-    try:
-      if checkpointer is None or checkpointer.latest_step() is None:
-        if not config.load_parameters_path:
-          raise checkpointing.CheckpointError(
-              f"mode={config.mode} needs a checkpoint: none in {config.checkpoint_dir} and no load_parameters_path")
-      state, step = run.restore_or_init(checkpointer, None)
-      row = run.evaluate(run.evaluate_fn(), state["params"], split)
-    finally:
-      if checkpointer is not None:
-        checkpointer.close()
+    abstract_params = train_state.with_shardings(run.spec.shapes, run.shardings["params"])
+    params, step, _ = checkpointing.run_parameters(config, abstract_params, f"mode={config.mode}")
+    row = run.evaluate(run.evaluate_fn(), params, split)
   logger = metrics.MetricLogger(config, start_step=step, is_primary=run.is_primary, progress=False)
   logger.log(step, row, prefix=config.mode)
   logger.close()

@@ -137,6 +137,10 @@ def test_mode_validation_evaluates_the_checkpoint(make_config, corpus):
   tested = train.evaluate_checkpoint(
       corpus_config(make_config, corpus, steps=3, enable_checkpointing=True, eval_steps=-1, mode="test"))
   assert tested["tokens"] > 0 and tested["tokens"] != evaluated["tokens"]
+  # Only the parameters are read: another optimizer (another state layout) evaluates the same checkpoint.
+  other_optimizer = train.evaluate_checkpoint(corpus_config(
+      make_config, corpus, steps=3, enable_checkpointing=True, eval_steps=-1, mode="validation", opt_type="adafactor"))
+  np.testing.assert_allclose(other_optimizer["loss"], evaluated["loss"], rtol=1e-6)
 
 
 def cli(*args, **kwargs):
