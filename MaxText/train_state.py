@@ -102,7 +102,12 @@ def state_shardings(spec: ModelSpec, abstract: dict, mesh, rules) -> dict:
     return isinstance(x, dict) and jax.tree.structure(x, is_leaf=masked) == params_def
 
   def shard_like_params(x):
-    return jax.tree.map(lambda s, leaf: leaf if masked(leaf) else s, params, x)
+    # Factored statistics (adafactor's row and column second moments, and the (1,) placeholders it keeps
+    # for the other form) are smaller than their parameter: O(rows + cols), replicated.
+    def pick(s, shape, leaf):
+      return leaf if masked(leaf) else s if tuple(leaf.shape) == tuple(shape.shape) else replicated
+
+    return jax.tree.map(pick, params, spec.shapes, x, is_leaf=masked)
 
   opt = jax.tree.map(lambda x: shard_like_params(x) if like_params(x) else replicated, abstract["opt_state"],
                      is_leaf=like_params)

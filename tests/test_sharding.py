@@ -85,6 +85,21 @@ def test_eight_device_step_equals_one_device_step(make_config):
   assert wq.addressable_shards[0].data.size == wq.size // 4
 
 
+def test_adafactor_state_is_sharded_and_its_step_equals_one_device(make_config):
+  """Adafactor's factored moments are smaller than their parameters: replicated, the rest as the params."""
+  one = make_config(num_devices=1, per_device_batch_size=8.0, opt_type="adafactor")
+  eight = make_config(per_device_batch_size=1.0, opt_type="adafactor", **MESH_222)
+  batch = global_batch(one)
+  params1, metrics1, _ = run_one_step(one, batch)
+  params8, metrics8, state8 = run_one_step(eight, batch)
+  np.testing.assert_allclose(metrics8["loss"], metrics1["loss"], rtol=1e-5)
+  assert_trees_close(params8, params1, atol=1e-6)
+  factored = state8["opt_state"][1]
+  wq = factored.v_row["layers"]["attention"]["wq"]
+  assert wq.shape != state8["params"]["layers"]["attention"]["wq"].shape
+  assert wq.sharding.spec == P()
+
+
 def test_parameters_are_created_sharded(make_config):
   config = make_config(**MESH_222)
   spec = train_state.model_spec(config)
