@@ -67,11 +67,6 @@ def unit(x: jax.Array, eps: float) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
-def slot_positions(key_segment_BS):
-  """[B, S] positions of the cache slots: slot s holds position s."""
-  return jnp.broadcast_to(jnp.arange(key_segment_BS.shape[1], dtype=jnp.int32), key_segment_BS.shape)
-
-
 class Attention(nnx.Module):
   """Causal self-attention with biases over `width` input channels, H heads of `head_dim`."""
 
@@ -117,15 +112,13 @@ class Attention(nnx.Module):
       cache = {"k": layers.cache_write(cache["k"], k_BLKE, positions_BL),
                "v": layers.cache_write(cache["v"], v_BLKE, positions_BL)}
       k_BSKE, v_BSKE = cache["k"], cache["v"]
-      key_positions_BS = slot_positions(key_segment_BS)
+      key_positions_BS = layers.slot_positions(key_segment_BS)
     mask_BLS = layers.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
     bias_BHLS = alibi_bias(positions_BL, key_positions_BS, self.num_heads) if self.alibi else None
     out_BLHE = layers.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask_BLS, scale=self.scale, bias_BHLS=bias_BHLS,
                                             implementation=self.implementation)
     out_BLD = jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)) + self.bo[...].astype(dt)
-    if stats is not None:
-      stats.update(q=layers.mean_abs(q_BLHE), k=layers.mean_abs(k_BLKE), attn_out=layers.mean_abs(out_BLD),
-                   attn_logits=layers.attention_logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, self.scale))
+    layers.record_attention_stats(stats, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask_BLS, self.scale)
     return checkpoint_name(out_BLD, "out_proj"), cache
 
 
@@ -178,7 +171,7 @@ class Block(nnx.Module):
       source_BSU, key_positions_BS, key_segment_BS = h_BLU, positions_BL, segment_ids_BL
     else:
       source_BSU = layers.cache_write(cache["sgu"], h_BLU, positions_BL)
-      key_positions_BS = slot_positions(key_segment_BS)
+      key_positions_BS = layers.slot_positions(key_segment_BS)
       cache = {**attention_cache, "sgu": source_BSU}
     kernel_BLS = sgu_kernel(positions_BL, segment_ids_BL, key_positions_BS, key_segment_BS, self.sgu_width)
     s_BLU = jnp.einsum("bls,bsu->blu", kernel_BLS, source_BSU.astype(jnp.float32)).astype(h_BLD.dtype)
@@ -270,7 +263,7 @@ class GPT(ModelFamily):
     else:
       k_BSR = layers.cache_write(cache["head_k"], k_BLR, positions_BL)
       tokens_BS = layers.cache_write(cache["tokens"], tokens_BL, positions_BL)
-      key_positions_BS = slot_positions(key_segment_BS)
+      key_positions_BS = layers.slot_positions(key_segment_BS)
       head_cache = {"head_k": k_BSR, "tokens": tokens_BS}
     mask_BLS = layers.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
     c_BLS = jnp.einsum("blr,bsr->bls", q_BLR, k_BSR, preferred_element_type=jnp.float32) / R

@@ -282,6 +282,18 @@ def mean_abs(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
   return jnp.sum(jnp.where(where, a, 0.0)) / jnp.maximum(jnp.sum(where), 1)
 
 
+def slot_positions(key_segment_BS: jax.Array) -> jax.Array:
+  """[B, S] positions of a KV cache's slots: slot s holds position s."""
+  return jnp.broadcast_to(jnp.arange(key_segment_BS.shape[1], dtype=jnp.int32), key_segment_BS.shape)
+
+
+def record_attention_stats(stats: dict | None, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask_BLS, scale: float) -> None:
+  """The coordinate-check sites of an attention layer, when a `stats` dict is being recorded."""
+  if stats is not None:
+    stats.update(q=mean_abs(q_BLHE), k=mean_abs(k_BLKE), attn_out=mean_abs(out_BLD),
+                 attn_logits=attention_logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, scale))
+
+
 def attention_logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, scale: float) -> jax.Array:
   """mean |scale * q.k| over the unmasked pairs; recomputed apart from the attention kernel, which hides them."""
   B, L, H, E = q_BLHE.shape

@@ -56,15 +56,12 @@ class Attention(nnx.Module):
       cache = {"k": layers.cache_write(cache["k"], k_BLKE, positions_BL),
                "v": layers.cache_write(cache["v"], v_BLKE, positions_BL)}
       k_BSKE, v_BSKE = cache["k"], cache["v"]
-      S = k_BSKE.shape[1]
-      key_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BL.dtype), key_segment_BS.shape)
+      key_positions_BS = layers.slot_positions(key_segment_BS)
       mask_BLS = layers.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
     out_BLHE = layers.dot_product_attention(
         q_BLHE, k_BSKE, v_BSKE, mask_BLS, scale=self.scale, implementation=self.implementation)
     out_BLD = jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt))
-    if stats is not None:
-      stats.update(q=layers.mean_abs(q_BLHE), k=layers.mean_abs(k_BLKE), attn_out=layers.mean_abs(out_BLD),
-                   attn_logits=layers.attention_logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, self.scale))
+    layers.record_attention_stats(stats, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask_BLS, self.scale)
     return checkpoint_name(out_BLD, "out_proj"), cache
 
 
