@@ -16,11 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from MaxText.pyconfig import ConfigError
-
-
-class CheckpointError(ConfigError):
-  """A checkpoint that is missing or does not fit the model; the message names the path."""
+from MaxText.errors import CheckpointError
 
 
 def _short(error: Exception) -> str:
@@ -106,9 +102,6 @@ class Checkpointer:
       if have[key] != want[key]:
         raise CheckpointError(f"checkpoint {path} does not fit this run's model and optimizer: {key} is "
                               f"{have[key]} there but {want[key]} here")
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     """Wait for background writes (their errors surface here) and release the manager."""

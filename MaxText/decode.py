@@ -5,8 +5,8 @@
       decode_sampling_strategy=nucleus decode_sampling_nucleus_p=0.9 decode_sampling_temperature=0.8
 
 The run's config.yml supplies the model, data and tokenizer keys (command-line keys still win); the
-parameters come from the run's latest checkpoint, else `load_parameters_path`. The continuation goes to
-stdout, a summary line to stderr. In Python:
+parameters come from the run's latest checkpoint, else `load_parameters_path`. The prompt and its
+continuation go to stdout, a summary line to stderr. In Python:
 
   from MaxText.decode import generate
   continuations = generate(config, params, [[2, 17, 5], [2, 9]])  # token ids, ragged batch
@@ -34,51 +34,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import pyconfig  # noqa: E402
+from MaxText import sampling, startup  # noqa: E402
+from MaxText.errors import ConfigError  # noqa: E402
 from MaxText.input_pipeline.tokenizer import EOS_ID  # noqa: E402
-from MaxText.pyconfig import ConfigError  # noqa: E402
-
-
-STRATEGIES = ("greedy", "weighted", "topk", "nucleus")  # decode_sampling_strategy, in lax.switch order
-
-
-def sample(logits_BV: jax.Array, rng: jax.Array, strategy, *, temperature=1.0, top_k=40, nucleus_p=0.9) -> jax.Array:
-  """One token id per row: greedy (argmax), weighted (softmax of logits / temperature), topk or nucleus
-  (the same, restricted to the k most likely tokens or to the fewest whose probabilities reach p).
-
-  Every setting may be a traced value (the strategy as its index in STRATEGIES), so one compiled decode
-  loop serves any of them; only the chosen strategy's branch runs.
-  """
-  if isinstance(strategy, str):
-    strategy = STRATEGIES.index(strategy)
-  logits_BV = logits_BV.astype(jnp.float32)
-  V = logits_BV.shape[-1]
-
-  def greedy(logits_BV):
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-
-  def categorical(logits_BV):
-    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
-
-  def weighted(logits_BV):
-    return categorical(logits_BV / temperature)
-
-  def topk(logits_BV):
-    logits_BV = logits_BV / temperature
-    descending_BV = -jnp.sort(-logits_BV, axis=-1)
-    kth_B1 = descending_BV[:, jnp.clip(top_k, 1, V) - 1][:, None]
-    return categorical(jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf))
-
-  def nucleus(logits_BV):
-    logits_BV = logits_BV / temperature
-    descending_BV = -jnp.sort(-logits_BV, axis=-1)
-    probs_BV = jax.nn.softmax(descending_BV, axis=-1)
-    # A token is kept while the probability mass before it is below p, so the most likely always is.
-    kept_B1 = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < nucleus_p, axis=-1, keepdims=True)
-    threshold_B1 = jnp.take_along_axis(descending_BV, kept_B1 - 1, axis=-1)
-    return categorical(jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf))
-
-  return jax.lax.switch(strategy, (greedy, weighted, topk, nucleus), logits_BV)
 
 
 class Generator:
@@ -117,8 +75,8 @@ class Generator:
       # Padded vocabulary rows were never targets; a tokenizer could not decode them.
       logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < self.valid_vocab, logits_BV, -jnp.inf)
     s = state["sampling"]
-    token_B = sample(logits_BV, jax.random.fold_in(s["rng"], state["step"]), s["strategy"],
-                     temperature=s["temperature"], top_k=s["top_k"], nucleus_p=s["nucleus_p"])
+    token_B = sampling.sample(logits_BV, jax.random.fold_in(s["rng"], state["step"]), s["strategy"],
+                              temperature=s["temperature"], top_k=s["top_k"], nucleus_p=s["nucleus_p"])
     rows_B = jnp.arange(self.batch)
     tokens_BT = state["tokens"].at[rows_B, state["lengths"]].set(token_B, mode="drop")
     return {**state, "tokens": tokens_BT, "lengths": state["lengths"] + 1, "step": state["step"] + 1,
@@ -162,7 +120,7 @@ class Generator:
     if unknown:
       raise TypeError(f"unknown sampling settings {sorted(unknown)}; known: {sorted(values)}")
     values.update(settings)
-    return {"strategy": jnp.int32(STRATEGIES.index(values["strategy"])),
+    return {"strategy": jnp.int32(sampling.index(values["strategy"])),
             "temperature": jnp.float32(values["temperature"]), "top_k": jnp.int32(values["top_k"]),
             "nucleus_p": jnp.float32(values["nucleus_p"]), "eos": jnp.int32(eos_id),
             "rng": jax.random.key(c.decode_seed if seed is None else seed)}
@@ -242,8 +200,9 @@ def decode_prompt(config) -> dict[str, Any]:
     start = time.perf_counter()
     new = generator(params, [ids], eos_id=tokenizer.eos_id)[0]
     seconds = time.perf_counter() - start
-  return {"text": tokenizer.decode(new), "tokens": new, "prompt_tokens": len(ids), "seconds": seconds,
-          "checkpoint": source}
+  # The whole text is decoded at once: a continuation decoded on its own can lose the space it starts with.
+  return {"text": tokenizer.decode(new), "full_text": tokenizer.decode(ids + new), "tokens": new,
+          "prompt_tokens": len(ids), "seconds": seconds, "checkpoint": source}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     print(__doc__)
     return 0
   try:
-    config = pyconfig.initialize_for_run(argv)
+    config = startup.load_config(argv, for_run=True)
     result = decode_prompt(config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() != 0:  # every process decodes the same prompt; one prints it
     return 0
-  print(result["text"], flush=True)
+  print(result["full_text"], flush=True)
   print(f"[{config.model_name} ({config.decoder_block}) from {result['checkpoint']}: {result['prompt_tokens']} "
         f"prompt tokens, {len(result['tokens'])} generated in {result['seconds']:.2f} s (compile included), "
         f"{config.decode_sampling_strategy}]", file=sys.stderr)

@@ -17,7 +17,7 @@ def cluster_detected(env: Mapping[str, str] | None = None) -> bool:
   return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
-def maybe_initialize(values: Mapping[str, Any]) -> None:
+def initialize(values: Mapping[str, Any]) -> None:
   """Call jax.distributed.initialize once, before any JAX computation, when the config asks for it."""
   import jax  # noqa: PLC0415
 

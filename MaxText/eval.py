@@ -16,7 +16,8 @@ import sys
 if __package__ in (None, ""):  # `python MaxText/eval.py` puts MaxText/ itself on the path, not the repo
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from MaxText import pyconfig  # noqa: E402
+from MaxText import startup  # noqa: E402
+from MaxText.errors import ConfigError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
   if not any(arg.split("=", 1)[0].removeprefix("--") == "mode" for arg in argv[1:]):
     argv.append("mode=validation")
   try:
-    config = pyconfig.initialize_for_run(argv)
+    config = startup.load_config(argv, for_run=True)
     if config.mode == "train":
-      raise pyconfig.ConfigError("config key 'mode' must be validation or test for eval.py")
+      raise ConfigError("config key 'mode' must be validation or test for eval.py")
     from MaxText import train  # noqa: PLC0415
 
     train.evaluate_checkpoint(config)
-  except pyconfig.ConfigError as e:
+  except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

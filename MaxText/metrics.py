@@ -126,3 +126,51 @@ def throughput(tokens: float, seconds: float, flops_per_token: float, num_device
   tokens_per_s = tokens / max(seconds, 1e-9)
   tflops = tokens_per_s * flops_per_token / num_devices / 1e12
   return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak_per_device}
+
+
+class MetricWindow:
+  """The metrics of the steps since the last log row, summed on the device (no host sync per step).
+
+  `close(step)` ends a window; `fetch()` brings a closed window to the host. The loop fetches one step
+  late, after the next step is dispatched, so the device never waits for the host.
+  """
+
+  MEAN = ("loss", "z_loss", "aux_loss", "grad_norm")  # the window's mean
+  SUM = ("tokens",)  # the window's total; other keys (learning rate, parameter norm) are the last step's
+
+  def __init__(self, step: int, tokens_per_step: int, flops_per_token: float, num_devices: int, peak: float):
+    self.sums, self.steps, self.closed = None, 0, None
+    self.clock = (time.perf_counter(), step)
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.num_devices, self.peak = num_devices, peak
+
+  def add(self, metrics: dict) -> None:
+    if self.sums is None:
+      self.sums = metrics
+    else:
+      self.sums = {k: self.sums[k] + v if k in self.MEAN + self.SUM else v for k, v in metrics.items()}
+    self.steps += 1
+
+  def close(self, step: int) -> None:
+    self.closed = (step, self.sums, self.steps)
+    self.sums, self.steps = None, 0
+
+  def restart_clock(self, step: int) -> None:
+    """Leave time spent outside training steps (evaluation) out of the throughput."""
+    self.clock = (time.perf_counter(), step)
+
+  def fetch(self) -> dict | None:
+    """The closed window as a metric row with throughput, or None if no window is closed."""
+    if self.closed is None:
+      return None
+    step, sums, count = self.closed
+    self.closed = None
+    row = {k: float(v) / count if k in self.MEAN else float(v) for k, v in jax.device_get(sums).items()}
+    now = time.perf_counter()
+    steps_done, elapsed = step - self.clock[1], now - self.clock[0]
+    self.clock = (now, step)
+    row["perplexity"] = math.exp(min(row["loss"], 50.0))
+    row["step_time"] = elapsed / max(steps_done, 1)
+    row.update(throughput(self.tokens_per_step * steps_done, elapsed, self.flops_per_token,
+                                  self.num_devices, self.peak))
+    return {"step": step, **row}

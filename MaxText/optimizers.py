@@ -9,11 +9,15 @@ layers make gains 2-D. `opt_type: adafactor` swaps the Adam moments for optax's 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from MaxText import parametrization
+from MaxText.registry import Registry
 
 NO_DECAY_ROLES = ("gain", "bias")
 # Parameters that hold running statistics (e.g. a VQ codebook's EMA sums and counts). Their gradient is a
@@ -23,31 +27,78 @@ NO_DECAY_ROLES = ("gain", "bias")
 STATISTICS_ROLES = ("codebook",)
 
 
+# --- Schedules: (config, peak, floor, steps after warmup) -> the decay part of the schedule ---
+
+SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("lr_schedule_type", "learning-rate schedule")
+
+
+@SCHEDULES.register("cosine")
+def cosine(config, peak: float, floor: float, steps: int) -> optax.Schedule:
+  del floor  # alpha is the floor as a fraction of the peak; after `steps` the floor is held
+  return optax.cosine_decay_schedule(peak, steps, alpha=config.learning_rate_final_fraction)
+
+
+@SCHEDULES.register("linear")
+def linear(config, peak: float, floor: float, steps: int) -> optax.Schedule:
+  del config
+  return optax.linear_schedule(peak, floor, steps)
+
+
+@SCHEDULES.register("constant")
+def constant(config, peak: float, floor: float, steps: int) -> optax.Schedule:
+  del config, floor, steps
+  return optax.constant_schedule(peak)
+
+
+@SCHEDULES.register("wsd")
+def warmup_stable_decay(config, peak: float, floor: float, steps: int) -> optax.Schedule:
+  """Stable at the peak, then a linear decay over the last wsd_decay_steps_fraction of the schedule."""
+  decay_steps = max(int(round(config.wsd_decay_steps_fraction * config.learning_rate_schedule_steps)), 1)
+  stable = max(steps - decay_steps, 0)
+  return optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay_steps)],
+                              [stable])
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warmup from 0, then cosine / linear decay to a floor, constant, or warmup-stable-decay."""
+  """Linear warmup from 0, then the decay `lr_schedule_type` names."""
   total = config.learning_rate_schedule_steps
   peak = config.learning_rate
   floor = peak * config.learning_rate_final_fraction
   warmup = int(round(config.warmup_steps_fraction * total))
-  rest = max(total - warmup, 1)
-  kind = config.lr_schedule_type
-  if kind == "cosine":
-    # alpha is the floor as a fraction of the peak; after `total` steps the floor is held.
-    decay = optax.cosine_decay_schedule(peak, rest, alpha=config.learning_rate_final_fraction)
-  elif kind == "linear":
-    decay = optax.linear_schedule(peak, floor, rest)
-  elif kind == "constant":
-    decay = optax.constant_schedule(peak)
-  elif kind == "wsd":
-    decay_steps = max(int(round(config.wsd_decay_steps_fraction * total)), 1)
-    stable = max(rest - decay_steps, 0)
-    decay = optax.join_schedules(
-        [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay_steps)], [stable])
-  else:
-    raise ValueError(f"unknown lr_schedule_type {kind!r}")
+  decay = SCHEDULES.get(config.lr_schedule_type)(config, peak, floor, max(total - warmup, 1))
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+# --- Optimizers: config -> the update direction, before and after the learning rate ---
+
+@dataclasses.dataclass(frozen=True)
+class Direction:
+  """What an `opt_type` contributes to the shared chain (clip -> direction -> decay -> LR multipliers ->
+  -learning rate -> after_lr)."""
+
+  direction: tuple[optax.GradientTransformation, ...]
+  after_lr: tuple[optax.GradientTransformation, ...] = ()
+
+
+OPTIMIZERS: Registry[Callable[..., Direction]] = Registry("opt_type", "optimizer")
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(config) -> Direction:
+  """Adam moments; the decoupled decay is the shared chain's."""
+  return Direction((optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                                        eps_root=config.adam_eps_root, mu_dtype=jnp.float32),))
+
+
+@OPTIMIZERS.register("adafactor")
+def adafactor(config) -> Direction:
+  """optax.adafactor's defaults, as the Transformer-VQ PG-19/ImageNet64 runs: factored second moments and
+  update clipping at RMS 1; the step is relative to the parameter's RMS (scale_by_param_block_rms)."""
+  del config
+  return Direction((optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)),
+                   (optax.scale_by_param_block_rms(),))
 
 
 def decay_mask(config, roles):
@@ -74,8 +125,7 @@ def create(config, roles) -> tuple[optax.GradientTransformation, optax.Schedule]
   adam_weight_decay x schedule / peak whatever the LR and its multipliers.
   """
   schedule = learning_rate_schedule(config)
-  if config.opt_type not in ("adamw", "adafactor"):
-    raise ValueError(f"unknown opt_type {config.opt_type!r}")
+  optimizer = OPTIMIZERS.get(config.opt_type)(config)
   statistics = any(role in STATISTICS_ROLES for role in jax.tree.leaves(roles))
   if statistics:
     labels = jax.tree.map(lambda role: "statistics" if role in STATISTICS_ROLES else "main", roles)
@@ -84,14 +134,7 @@ def create(config, roles) -> tuple[optax.GradientTransformation, optax.Schedule]
   parts = []
   if config.gradient_clipping_threshold > 0:
     parts.append(optax.clip_by_global_norm(config.gradient_clipping_threshold))
-  if config.opt_type == "adafactor":
-    # optax.adafactor's defaults, as the Transformer-VQ PG-19/ImageNet64 runs: factored second moments and
-    # update clipping at RMS 1; the step is relative to the parameter's RMS (scale_by_param_block_rms).
-    parts += [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)]
-  else:
-    parts.append(optax.scale_by_adam(
-        b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, eps_root=config.adam_eps_root,
-        mu_dtype=jnp.float32))
+  parts += optimizer.direction
   multipliers = parametrization.lr_multipliers(config, roles)
   decay = None
   if config.adam_weight_decay > 0:
@@ -104,8 +147,7 @@ def create(config, roles) -> tuple[optax.GradientTransformation, optax.Schedule]
   if decay is not None and config.independent_weight_decay:
     parts.append(decay)
   parts.append(optax.scale_by_learning_rate(schedule))
-  if config.opt_type == "adafactor":
-    parts.append(optax.scale_by_param_block_rms())
+  parts += optimizer.after_lr
   tx = optax.chain(*parts)
   if statistics:
     tx = optax.partition({"main": tx, "statistics": optax.sgd(1.0)}, labels)

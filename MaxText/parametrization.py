@@ -26,15 +26,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError
 
-def validate(v: dict[str, Any]) -> None:
-  """Cross-key checks of the parametrization keys (on pyconfig's value dict, before the Config exists)."""
-  if v["mup_base_width"] <= 0:
-    raise ConfigError(f"config key 'mup_base_width' must be positive, got {v['mup_base_width']}")
-  if not v["output_logits_multiplier"] > 0:
-    raise ConfigError(f"config key 'output_logits_multiplier' must be positive, got {v['output_logits_multiplier']}")
-  if v["zero_init_readout"] and v["logits_via_embedding"]:
+
+def validate(config) -> None:
+  """Cross-key checks of the parametrization keys."""
+  if config.mup_base_width <= 0:
+    raise ConfigError(f"config key 'mup_base_width' must be positive, got {config.mup_base_width}")
+  if not config.output_logits_multiplier > 0:
+    raise ConfigError(f"config key 'output_logits_multiplier' must be positive, got {config.output_logits_multiplier}")
+  if config.zero_init_readout and config.logits_via_embedding:
     raise ConfigError("config key 'zero_init_readout' needs an untied readout: it would zero the input embedding "
                       "too (set logits_via_embedding=false)")
 

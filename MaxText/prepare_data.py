@@ -36,6 +36,7 @@ if not __package__:  # run as a script: make `MaxText` importable
 
 from tqdm import tqdm  # noqa: E402
 
+from MaxText.errors import DataError, PrepareError  # noqa: E402
 from MaxText.input_pipeline import tfrecord  # noqa: E402
 from MaxText.input_pipeline.tokenizer import ByteTokenizer, Tokenizer, train_sentencepiece  # noqa: E402
 
@@ -48,10 +49,6 @@ TOKENIZERS = ("sentencepiece", "byte")
 _DOC_TARGET_CHARS, _DOC_LIMIT_CHARS = 2000, 8000
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _ENCODE_BATCH_CHARS = 4 << 20
-
-
-class PrepareError(Exception):
-  """Bad input to prepare(); the one-line message names the culprit."""
 
 
 def find_input_files(spec: str, extensions: Sequence[str], exclude_dirs: Sequence[str] = ()) -> list[tuple[str, str]]:
@@ -255,6 +252,9 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
       except ValueError as e:
         raise PrepareError(f"--tokenizer_path: {e}") from None
     else:
+      if progress:
+        print(f"training a SentencePiece tokenizer ({vocab_size} pieces) on {len(splits['train'] or documents)} "
+              f"documents", file=sys.stderr, flush=True)
       encoder = _train_tokenizer(files, documents, splits, model_path, vocab_size)
     summary = _write_splits(tmp, splits, documents, encoder, num_shards, progress)
     summary.update(format_version=FORMAT_VERSION, input=input, vocab_size=encoder.vocab_size, tokenizer=tokenizer,
@@ -320,13 +320,17 @@ class _SplitWriter:
 
 def _write_splits(folder: Path, splits, documents, tokenizer, num_shards: int, progress: bool) -> dict:
   summary = {"splits": {}, "skipped_files": []}
+  # Every writer is open (TensorFlow imported) before the bar starts, or the import would count as the
+  # first document's time and the first estimate would be hours.
+  writers = {split: _SplitWriter(folder, split, min(num_shards, len(keys)), tokenizer)
+             for split, keys in splits.items() if keys}
   tokens_before = 0
   with tqdm(total=len(documents), unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr) as bar:
     for split, keys in splits.items():
       if not keys:
         summary["splits"][split] = {"documents": 0, "tokens": 0, "files": 0}
         continue
-      writer = _SplitWriter(folder, split, min(num_shards, len(keys)), tokenizer)
+      writer = writers[split]
       for key in keys:
         path, text = documents[key]
         text = _read_text(path) if text is None else text
@@ -383,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     summary = prepare(args.input, args.output_dir, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
                       num_shards=args.num_shards, tokenizer=args.tokenizer, **split)
-  except (PrepareError, tfrecord.DataError) as e:
+  except (PrepareError, DataError) as e:
     print(f"prepare_data: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -5,6 +5,10 @@ Layers, lowest precedence first:
   base_v2.yml < configs/models/<model_name>.yml < the YAML named on the command line
   < M_<KEY> environment variables < key=value arguments (and keyword overrides in tests).
 Any mistake is a `ConfigError` whose one-line message names the key; `train.py` turns it into exit code 2.
+
+Parsing starts nothing and imports no other module of MaxText but `errors`: keys whose choices come from a
+registry (decoder_block, dataset_type, opt_type, ...) and the checks that need a model or a mesh are
+`validation.validate`'s, and joining a multi-process job is `startup.load_config`'s, which entry points call.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import difflib
 import math
 import os
 import re
+import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import yaml
+
+from MaxText.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base_v2.yml"
@@ -29,7 +35,6 @@ ENV_PREFIX = "M_"
 DERIVED_KEYS = {
     "micro_batch_size": int,  # sequences per micro-batch over all devices
     "global_batch_size_to_train_on": int,  # sequences per optimizer step over all devices
-    "global_batch_size_to_load": int,  # = global_batch_size_to_train_on (gradient accumulation included)
     "eval_batch_size": int,  # sequences per eval batch over all devices
     "num_slices": int,  # groups of devices joined by the data-centre network (processes, or TPU slices)
     "ici_parallelism": tuple,  # resolved mesh shape inside a slice, in mesh_axes order
@@ -42,10 +47,6 @@ DERIVED_KEYS = {
 RUN_KEYS = ("run_name", "base_output_directory", "model_name")
 # Keys added on top of base_v2.yml: num_devices is a resolved key (-1 = all devices).
 EXTRA_KEYS = {"num_devices": -1}
-
-
-class ConfigError(ValueError):
-  """A configuration mistake; the message is one line and names the key."""
 
 
 def _closest(name: str, candidates) -> str:
@@ -79,7 +80,8 @@ def schema() -> dict[str, Any]:
 
 
 def key_docs() -> list[tuple[str, str, str]]:
-  """(group, key, comment) for every key of base_v2.yml, in file order."""
+  """(group, key, comment) for every key of base_v2.yml, in file order; a comment continued on the
+  following lines (an indented `# ...`) is joined to its key's."""
   docs, group = [], ""
   for line in BASE_CONFIG.read_text().splitlines():
     header = re.match(r"^# --- (.+) ---$", line)
@@ -89,11 +91,21 @@ def key_docs() -> list[tuple[str, str, str]]:
     m = re.match(r"^([a-z_][a-z0-9_]*):(.*?)(?:\s+#\s*(.*))?$", line)
     if m:
       docs.append((group, m.group(1), (m.group(3) or "").strip()))
+      continue
+    more = re.match(r"^\s+(?:[^#]*\s)?#\s*(.*)$", line)
+    if more and docs and more.group(1).strip():
+      g, key, comment = docs[-1]
+      docs[-1] = (g, key, f"{comment} {more.group(1).strip()}".strip())
   return docs
 
 
-def help_text() -> str:
+def help_text(choices: Mapping[str, Sequence[str]] | None = None, width: int = 110) -> str:
+  """Every key with its default and comment, in aligned columns, comments wrapped to `width`.
+
+  `choices` (key -> registered names, from `validation.choices()`) is appended to the keys they serve.
+  """
   defaults = schema()
+  choices = dict(choices or {})
   lines = [
       "usage: python MaxText/train.py MaxText/configs/base_v2.yml [key=value ...]",
       "       python MaxText/train.py --list-models | --help",
@@ -102,17 +114,29 @@ def help_text() -> str:
       "Keys (value shown is the default; precedence: base_v2.yml < model preset < your YAML",
       "< M_<KEY> environment < key=value):",
   ]
-  group = None
-  for g, key, comment in key_docs():
-    if g != group:
-      lines += ["", f"{g}:"]
-      group = g
+  docs = key_docs() + [("Devices", "num_devices", "use the first N devices; -1 = all")]
+  cells = []
+  for group, key, comment in docs:
     default = yaml.safe_dump(defaults[key], default_flow_style=True, width=10_000).strip()
     default = default.removesuffix("\n...").removesuffix("...").strip()
     if len(default) > 40:
       default = default[:37] + "..."
-    lines.append(f"  {key}={default:<22} {comment}")
-  lines.append("  num_devices=-1                use the first N devices; -1 = all")
+    if key in choices:
+      comment = f"{comment} [{' | '.join(choices[key])}]".strip()
+    cells.append((group, f"  {key}={default}", comment))
+  # One comment column for all keys; a longer key=default puts its comment on the lines below it.
+  column = min(max(len(left) for _, left, _ in cells), 36) + 2
+  group = None
+  for g, left, comment in cells:
+    if g != group:
+      lines += ["", f"{g}:"]
+      group = g
+    wrapped = textwrap.wrap(comment, max(width - column, 30))
+    if len(left) + 2 > column:
+      lines.append(left)
+    else:
+      lines.append(f"{left:<{column}}{wrapped.pop(0) if wrapped else ''}".rstrip())
+    lines += [" " * column + more for more in wrapped]
   return "\n".join(lines)
 
 
@@ -235,12 +259,37 @@ def _apply(layer: Mapping[str, Any], values: dict, defaults: Mapping[str, Any], 
     values[key] = coerce(key, value, defaults[key], source)
 
 
-def load_raw(argv: Sequence[str], env: Mapping[str, str] | None = None, *, run_layer: Mapping[str, Any] | None = None,
-             **kwargs) -> dict[str, Any]:
-  """Layer every source into a dict of validated, typed but not yet derived values.
+def load(argv: Sequence[str], env: Mapping[str, str] | None = None, *, for_run: bool = False,
+         **kwargs) -> dict[str, Any]:
+  """Layer every source into a dict of typed but not yet derived values.
 
-  `run_layer` (see initialize_for_run) sits between the YAML file and the environment.
+  `for_run`: a command about an existing run (decode, evaluation) also reads the resolved config.yml
+  that run wrote, as a layer between the YAML file and the environment, so `run_name=R` brings the
+  trained model's keys; mesh, distributed and mode keys stay this command's, which may run elsewhere.
   """
+  values = _load(argv, env, None, kwargs)
+  if for_run:
+    layer = _run_layer(values)
+    if layer is not None:
+      values = _load(argv, env, layer, kwargs)
+  return values
+
+
+# Keys of a run's config.yml that describe the machine or the command rather than the trained model.
+_NOT_FROM_RUN_GROUPS = ("Sharding", "Distributed")
+_NOT_FROM_RUN_KEYS = ("num_devices", "mode")
+
+
+def _run_layer(values: Mapping[str, Any]) -> dict[str, Any] | None:
+  path = Path(os.path.expanduser(values["base_output_directory"])) / values["run_name"] / "config.yml"
+  if not path.is_file():
+    return None
+  machine = {key for group, key, _ in key_docs() if group in _NOT_FROM_RUN_GROUPS} | set(_NOT_FROM_RUN_KEYS)
+  return {k: v for k, v in _read_yaml(path, "run config").items() if k not in machine}
+
+
+def _load(argv: Sequence[str], env: Mapping[str, str] | None, run_layer: Mapping[str, Any] | None,
+          kwargs: Mapping[str, Any]) -> dict[str, Any]:
   run_layer = dict(run_layer or {})
   env = os.environ if env is None else env
   defaults = schema()
@@ -323,8 +372,8 @@ def _resolve_parallelism(v: dict, num_devices: int, num_slices: int) -> tuple[tu
   return shapes[0], shapes[1]
 
 
-def derive(v: dict[str, Any], num_devices: int, num_slices: int = 1) -> dict[str, Any]:
-  """Checks across keys and the values computed from them."""
+def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dict[str, Any]:
+  """Checks across keys that need nothing but the values, and the values computed from them."""
   v = dict(v)
 
   def positive(*keys):
@@ -343,15 +392,11 @@ def derive(v: dict[str, Any], num_devices: int, num_slices: int = 1) -> dict[str
   for key in ("warmup_steps_fraction", "learning_rate_final_fraction", "wsd_decay_steps_fraction"):
     if not 0.0 <= v[key] <= 1.0:
       raise ConfigError(f"config key {key!r} must lie in [0, 1], got {v[key]}")
+  # Fixed choices; keys served by a registry (decoder_block, dataset_type, ...) are validation.validate's.
   choices = {
       "dtype": ("float32", "bfloat16"), "weight_dtype": ("float32", "bfloat16"),
-      "remat_policy": ("none", "full", "minimal", "save_qkv_proj"),
-      "attention": ("autoselected", "dot_product"), "opt_type": ("adamw", "adafactor"),
-      "lr_schedule_type": ("cosine", "linear", "constant", "wsd"),
-      "dataset_type": ("tfrecord", "synthetic", "tfds"), "mode": ("train", "validation", "test"),
-      "jax_distributed_initialization": ("auto", "on", "off"), "parametrization": ("sp", "mup"),
-      "decode_sampling_strategy": ("greedy", "weighted", "topk", "nucleus"),
-      "tokenizer_type": ("sentencepiece", "byte"),
+      "mode": ("train", "validation", "test"), "jax_distributed_initialization": ("auto", "on", "off"),
+      "parametrization": ("sp", "mup"),
   }
   for key, allowed in choices.items():
     if v[key] not in allowed:
@@ -364,9 +409,8 @@ def derive(v: dict[str, Any], num_devices: int, num_slices: int = 1) -> dict[str
            "decode_sampling_top_k")
   if not 0.0 < v["decode_sampling_nucleus_p"] <= 1.0:
     raise ConfigError(f"config key 'decode_sampling_nucleus_p' must lie in (0, 1], got {v['decode_sampling_nucleus_p']}")
-  from MaxText import parametrization  # noqa: PLC0415
-
-  parametrization.validate(v)
+  if v["num_epochs"] == 0 or v["num_epochs"] < -1:
+    raise ConfigError(f"config key 'num_epochs' must be positive or -1 (repeat forever), got {v['num_epochs']}")
 
   heads, kv_heads, width = v["base_num_query_heads"], v["base_num_kv_heads"], v["base_emb_dim"]
   if v["head_dim"] == 0:
@@ -403,17 +447,8 @@ def derive(v: dict[str, Any], num_devices: int, num_slices: int = 1) -> dict[str
 
   v["micro_batch_size"] = whole(v["per_device_batch_size"], "per_device_batch_size")
   v["global_batch_size_to_train_on"] = v["micro_batch_size"] * v["gradient_accumulation_steps"]
-  v["global_batch_size_to_load"] = v["global_batch_size_to_train_on"]
   eval_pdb = v["eval_per_device_batch_size"] or v["per_device_batch_size"]
   v["eval_batch_size"] = whole(eval_pdb, "eval_per_device_batch_size")
-  from MaxText import sharding  # noqa: PLC0415
-
-  batch_ways = sharding.batch_shards(SimpleNamespace(**v))
-  for key in ("micro_batch_size", "eval_batch_size"):
-    if v[key] % batch_ways:
-      raise ConfigError(
-          f"{key}={v[key]} sequences do not split over the {batch_ways} batch shards of the mesh "
-          f"(rule 'activation_batch' of logical_axis_rules)")
   if v["learning_rate_schedule_steps"] == -1:
     v["learning_rate_schedule_steps"] = v["steps"]
   elif v["learning_rate_schedule_steps"] <= 0:
@@ -454,42 +489,21 @@ def _make_config_class():
 Config = _make_config_class()
 
 
-def initialize(argv: Sequence[str], env: Mapping[str, str] | None = None, *,
-               run_layer: Mapping[str, Any] | None = None, **kwargs) -> Config:
-  """Parse argv (= [program, config.yml, key=value, ...]); the MaxText entry point.
+def derive(values: Mapping[str, Any], num_devices: int, num_slices: int = 1) -> Config:
+  """The frozen Config of `load`'s values on a machine of `num_devices` devices in `num_slices` slices."""
+  return Config(**_derived_values(dict(values), num_devices, num_slices))
 
-  Initialises jax.distributed when the config asks for it or a cluster is detected, because the
-  device count is needed to derive batch sizes and the mesh.
+
+def initialize(argv: Sequence[str], env: Mapping[str, str] | None = None, *, for_run: bool = False,
+               device_count: int | None = None, num_slices: int = 1, **kwargs) -> Config:
+  """Parse argv (= [program, config.yml, key=value, ...]) into a Config; `load` then `derive`.
+
+  It starts nothing: in a multi-process job, join the job first (`startup.load_config` does, and runs
+  `validation.validate` after); `device_count` defaults to this process's `jax.device_count()`.
   """
-  values = load_raw(argv, env, run_layer=run_layer, **kwargs)
-  from MaxText import distributed  # noqa: PLC0415 (jax is imported only once the keys are known good)
+  values = load(argv, env, for_run=for_run, **kwargs)
+  if device_count is None:
+    import jax  # noqa: PLC0415 (only when the caller gives no count)
 
-  distributed.maybe_initialize(values)
-  import jax  # noqa: PLC0415
-
-  values = derive(values, jax.device_count(), distributed.num_slices())
-  from MaxText import models  # noqa: PLC0415
-
-  config = Config(**values)
-  models.check_config(config, schema())
-  return config
-
-
-# Keys of a run's config.yml that describe the machine or the command rather than the trained model.
-_NOT_FROM_RUN_GROUPS = ("Sharding", "Distributed")
-_NOT_FROM_RUN_KEYS = ("num_devices", "mode")
-
-
-def initialize_for_run(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs) -> Config:
-  """initialize() for a command about an existing run (decode, evaluation): the resolved config.yml the
-  run wrote is layered between the YAML file and the environment, so `run_name=R` brings the trained
-  model's keys without repeating them; the command line still wins. Mesh, distributed and mode keys are
-  left to this command, which may run on another machine. Without a config.yml this is initialize().
-  """
-  values = load_raw(argv, env, **kwargs)
-  path = Path(os.path.expanduser(values["base_output_directory"])) / values["run_name"] / "config.yml"
-  if not path.is_file():
-    return initialize(argv, env, **kwargs)
-  machine = {key for group, key, _ in key_docs() if group in _NOT_FROM_RUN_GROUPS} | set(_NOT_FROM_RUN_KEYS)
-  layer = {k: v for k, v in _read_yaml(path, "run config").items() if k not in machine}
-  return initialize(argv, env, run_layer=layer, **kwargs)
+    device_count = jax.device_count()
+  return derive(values, device_count, num_slices)

@@ -17,17 +17,13 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ShardingError
 
 Rules = Sequence[tuple[str, Any]]
 LogicalAxes = tuple[str | None, ...]
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     "maxtext_active_mesh", default=None)
-
-
-class ShardingError(ConfigError):
-  """A logical name without a rule, or a mesh that cannot be built; the message names the culprit."""
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -21,7 +21,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python MaxText/train.py` puts MaxText/ itself on the path, not the repo
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from MaxText import pyconfig  # noqa: E402  (after the path fix)
+from MaxText import pyconfig, startup  # noqa: E402  (after the path fix)
+from MaxText.errors import ConfigError  # noqa: E402
 
 
 def _global_batch(batch: dict, sharding) -> dict:
@@ -152,11 +153,15 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   flops_per_token = family.flops_per_token(config)
   tokens_per_step = config.global_batch_size_to_train_on * config.max_target_length
   result: dict[str, Any] = {}
+  # Folders this call creates; if it fails, those it left empty are removed (a bad key or file must not
+  # leave an empty run behind).
+  created = [d for d in (config.run_dir, config.checkpoint_dir) if not os.path.exists(d)]
   with sharding.use_mesh(run.mesh, run.rules), _StopFlag() as stop:
-    checkpointer = checkpointing.Checkpointer.from_config(config) if config.enable_checkpointing else None
-    logger = None
+    checkpointer = logger = None
+    completed = False
     try:
       train_data = run.data(config.train_split)
+      checkpointer = checkpointing.Checkpointer.from_config(config) if config.enable_checkpointing else None
       state, start_step = run.restore_or_init(checkpointer, train_data)
       logger = metrics.MetricLogger(config, start_step=start_step, is_primary=run.is_primary, progress=progress)
       if run.is_primary:
@@ -174,6 +179,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
         logger.message(f"resumed from {config.checkpoint_dir} at step {start_step}")
       if start_step >= config.steps:
         logger.message(f"run already trained to step {start_step} >= steps={config.steps}; nothing to do")
+        completed = True
         return {"step": start_step}
 
       step_fn = jax.jit(train_step.make_train_step(config, run.spec, run.tx, run.schedule),
@@ -187,7 +193,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
       logger.message(f"compiled the train step in {result['compile_seconds']:.1f} s")
 
       step = start_step
-      window = _MetricWindow(step, tokens_per_step, flops_per_token, config.num_devices, peak)
+      window = metrics.MetricWindow(step, tokens_per_step, flops_per_token, config.num_devices, peak)
 
       def log_window():
         row = window.fetch()
@@ -225,64 +231,23 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
       if checkpointer is not None:
         checkpointer.save(step, state, train_data.get_state(), force=True)
       result["step"] = step
+      completed = True
       return result
     finally:
       if checkpointer is not None:
         checkpointer.close()
       if logger is not None:
         logger.close()
+      if not completed:
+        _remove_empty(reversed(created))
 
 
-class _MetricWindow:
-  """The metrics of the steps since the last log row, summed on the device (no host sync per step).
-
-  `close(step)` ends a window; `fetch()` brings a closed window to the host. The loop fetches one step
-  late, after the next step is dispatched, so the device never waits for the host.
-  """
-
-  MEAN = ("loss", "z_loss", "aux_loss", "grad_norm")  # the window's mean
-  SUM = ("tokens",)  # the window's total; other keys (learning rate, parameter norm) are the last step's
-
-  def __init__(self, step: int, tokens_per_step: int, flops_per_token: float, num_devices: int, peak: float):
-    self.sums, self.steps, self.closed = None, 0, None
-    self.clock = (time.perf_counter(), step)
-    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
-    self.num_devices, self.peak = num_devices, peak
-
-  def add(self, metrics: dict) -> None:
-    if self.sums is None:
-      self.sums = metrics
-    else:
-      self.sums = {k: self.sums[k] + v if k in self.MEAN + self.SUM else v for k, v in metrics.items()}
-    self.steps += 1
-
-  def close(self, step: int) -> None:
-    self.closed = (step, self.sums, self.steps)
-    self.sums, self.steps = None, 0
-
-  def restart_clock(self, step: int) -> None:
-    """Leave time spent outside training steps (evaluation) out of the throughput."""
-    self.clock = (time.perf_counter(), step)
-
-  def fetch(self) -> dict | None:
-    """The closed window as a metric row with throughput, or None if no window is closed."""
-    import jax  # noqa: PLC0415
-
-    from MaxText import metrics  # noqa: PLC0415
-
-    if self.closed is None:
-      return None
-    step, sums, count = self.closed
-    self.closed = None
-    row = {k: float(v) / count if k in self.MEAN else float(v) for k, v in jax.device_get(sums).items()}
-    now = time.perf_counter()
-    steps_done, elapsed = step - self.clock[1], now - self.clock[0]
-    self.clock = (now, step)
-    row["perplexity"] = math.exp(min(row["loss"], 50.0))
-    row["step_time"] = elapsed / max(steps_done, 1)
-    row.update(metrics.throughput(self.tokens_per_step * steps_done, elapsed, self.flops_per_token,
-                                  self.num_devices, self.peak))
-    return {"step": step, **row}
+def _remove_empty(folders) -> None:
+  for folder in folders:
+    try:
+      os.rmdir(folder)  # only an empty folder goes
+    except OSError:
+      pass
 
 
 def _stop_agreed(requested: bool, step: int, config) -> bool:
@@ -324,18 +289,18 @@ def _family(config):
 
 
 def list_models() -> str:
-  """The registry: every preset with its family, shape and parameter count."""
+  """The registry as a markdown table: every preset with its family, shape and parameter count."""
   from MaxText import train_state  # noqa: PLC0415
 
-  rows = [("model_name", "family", "layers", "width", "heads", "params")]
+  rows = [("model_name", "family", "layers", "width", "heads", "parameters")]
   for name in pyconfig.preset_names():
-    config = pyconfig.initialize([None, str(pyconfig.BASE_CONFIG)], model_name=name, num_devices=1,
+    config = startup.load_config([None, str(pyconfig.BASE_CONFIG)], model_name=name, num_devices=1,
                                  per_device_batch_size=1.0, ici_fsdp_parallelism=-1)
     spec = train_state.model_spec(config)
-    rows.append((name, config.decoder_block, str(config.base_num_decoder_layers), str(config.base_emb_dim),
+    rows.append((f"`{name}`", config.decoder_block, str(config.base_num_decoder_layers), str(config.base_emb_dim),
                  str(config.base_num_query_heads), f"{spec.num_params / 1e6:,.1f}M"))
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+  lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
 def count_params(config) -> str:
@@ -360,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
   flags = [a for a in argv[1:] if a.startswith("--") and "=" not in a]
   try:
     if "--help" in flags or "-h" in argv[1:]:
-      print(pyconfig.help_text())
+      from MaxText import validation  # noqa: PLC0415
+
+      print(pyconfig.help_text(validation.choices()))
       return 0
     if "--list-models" in flags:
       print(list_models())
@@ -368,16 +335,17 @@ def main(argv: list[str] | None = None) -> int:
     counting = "--count-params" in flags
     flags = [f for f in flags if f != "--count-params"]
     if flags:
-      raise pyconfig.ConfigError(f"unknown option {flags[0]!r} (options: --help, --list-models, --count-params)")
-    config = pyconfig.initialize([a for a in argv if a != "--count-params"])
+      raise ConfigError(f"unknown option {flags[0]!r} (options: --help, --list-models, --count-params)")
+    argv = [a for a in argv if a != "--count-params"]
+    # Evaluating an existing run: its config.yml supplies the keys the command line does not.
+    config = startup.load_config(argv, for_run=pyconfig.load(argv)["mode"] != "train")
     if counting:
       print(count_params(config))
-      return 0
-    if config.mode == "train":
+    elif config.mode == "train":
       train_and_evaluate(config)
-    else:  # evaluating an existing run: its config.yml supplies the keys the command line does not
-      evaluate_checkpoint(pyconfig.initialize_for_run(argv))
-  except pyconfig.ConfigError as e:
+    else:
+      evaluate_checkpoint(config)
+  except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

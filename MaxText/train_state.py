@@ -1,6 +1,6 @@
 """The training state as a plain pytree, its abstract shape and shardings, and its sharded creation.
 
-state = {"step": int32[], "params": {...}, "opt_state": optax state, "rng": uint32[2]}
+state = {"step": int32[], "params": {...}, "opt_state": optax state}
 `params` is a nested dict of arrays (nnx.to_pure_dict of the model's Params), so optax, jit donation
 and Orbax all see a plain pytree; `bind` turns it back into an NNX model inside traced functions.
 """
@@ -76,7 +76,6 @@ def init_state(config, spec: ModelSpec, tx: optax.GradientTransformation) -> dic
       "step": jnp.zeros((), jnp.int32),
       "params": params,
       "opt_state": tx.init(params),
-      "rng": jax.random.key_data(jax.random.key(config.init_weights_seed)),
   }
 
 
@@ -111,7 +110,7 @@ def state_shardings(spec: ModelSpec, abstract: dict, mesh, rules) -> dict:
 
   opt = jax.tree.map(lambda x: shard_like_params(x) if like_params(x) else replicated, abstract["opt_state"],
                      is_leaf=like_params)
-  return {"step": replicated, "params": params, "opt_state": opt, "rng": replicated}
+  return {"step": replicated, "params": params, "opt_state": opt}
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from MaxText import decode, pyconfig, train_state  # noqa: E402
+from MaxText import decode, pyconfig, startup, train_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_throughput.json"
 PROMPT_LENGTH = 32
@@ -37,7 +37,7 @@ EARLY, LATE, STEPS = 64, 1024, 32
 
 
 def make(model_name: str, prefill: int, new_tokens: int, length: int):
-  config = pyconfig.initialize(
+  config = startup.load_config(
       [None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}"], env={}, num_devices=1,
       per_device_batch_size=1.0, dataset_type="synthetic", dtype="float32", weight_dtype="float32",
       max_prefill_predict_length=prefill, max_decode_length=new_tokens, decode_sampling_strategy="greedy",

@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import pyconfig, sharding, train, train_state, train_step  # noqa: E402
+from MaxText import pyconfig, startup, sharding, train, train_state, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mudd_throughput.json"
 
 
 def build(model_name: str, overrides: list[str]):
   """(config, compiled step, state, batch) for one model on one device."""
-  config = pyconfig.initialize([None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
+  config = startup.load_config([None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
                                 "ici_fsdp_parallelism=1", "enable_checkpointing=false", *overrides], env={})
   run = train.Run(config)
   with sharding.use_mesh(run.mesh, run.rules):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import input_pipeline, metrics, pyconfig, sharding, train, train_state, train_step  # noqa: E402
+from MaxText import input_pipeline, metrics, pyconfig, startup, sharding, train, train_state, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 
@@ -39,11 +39,11 @@ def pipeline_rate(config, seconds: float = 5.0) -> float:
   while time.perf_counter() - start < seconds:
     next(data)
     batches += 1
-  return batches * config.global_batch_size_to_load * config.max_target_length / (time.perf_counter() - start)
+  return batches * config.global_batch_size_to_train_on * config.max_target_length / (time.perf_counter() - start)
 
 
 def measure(model_name: str, steps: int, overrides: list[str]) -> dict:
-  config = pyconfig.initialize([None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
+  config = startup.load_config([None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
                                 "ici_fsdp_parallelism=1", *overrides], env={})
   run = train.Run(config)
   family = train._family(config)  # noqa: SLF001 (the registry lookup train.py itself uses)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import optimizers, pyconfig, sharding, train_state, train_step  # noqa: E402
+from MaxText import optimizers, pyconfig, startup, sharding, train_state, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "vq_scaling.json"
@@ -44,7 +44,7 @@ MODELS = {
 
 
 def measure(name: str, length: int, steps: int) -> dict:
-  config = pyconfig.initialize([None, str(pyconfig.BASE_CONFIG)], env={}, max_target_length=length,
+  config = startup.load_config([None, str(pyconfig.BASE_CONFIG)], env={}, max_target_length=length,
                                **COMMON, **MODELS[name])
   spec = train_state.model_spec(config)
   tx, schedule = optimizers.create(config, spec.roles)

@@ -15,7 +15,7 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from MaxText import pyconfig  # noqa: E402
+from MaxText import pyconfig, startup  # noqa: E402
 
 # Many tests compile identical programs (same tiny model, new closure); a per-session persistent cache
 # turns those recompiles into lookups. Fresh per session, so no state leaks between runs.
@@ -37,11 +37,11 @@ TINY = dict(
 
 @pytest.fixture
 def make_config(tmp_path):
-  """make_config('key=value', ..., key=value): a tiny Config through pyconfig.initialize."""
+  """make_config('key=value', ..., key=value): a tiny Config through startup.load_config, as the CLI makes it."""
 
   def make(*args, **overrides):
     values = {**TINY, "base_output_directory": str(tmp_path / "runs"),
               "dataset_cache_dir": str(tmp_path / "cache"), **overrides}
-    return pyconfig.initialize([None, BASE, *args], env={}, **values)
+    return startup.load_config([None, BASE, *args], env={}, **values)
 
   return make

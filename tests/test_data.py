@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MaxText import input_pipeline, prepare_data, pyconfig
+from MaxText import input_pipeline, prepare_data, pyconfig, startup
 from MaxText.input_pipeline import default_corpus, packing, tfrecord
 from MaxText.input_pipeline.tokenizer import Tokenizer, train_sentencepiece
 
@@ -32,7 +32,7 @@ def make_config(**overrides):
   values = dict(num_devices=1, per_device_batch_size=4, max_target_length=16, vocab_size=VOCAB,
                 shuffle_buffer_size=64)
   values.update(overrides)
-  return pyconfig.initialize([None, BASE_CONFIG], env={}, **values)
+  return startup.load_config([None, BASE_CONFIG], env={}, **values)
 
 
 def random_docs(n, seed=0, first_id=10, max_len=40):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import decode, pyconfig, train_state
+from MaxText import decode, pyconfig, sampling, startup, train_state
 from MaxText import eval as eval_cli
 from tests.checks import fast_init
 
@@ -35,7 +35,7 @@ def decode_cases():
 
 def tiny(tmp_path, name, **overrides):
   values = {**SHRINK, "base_output_directory": str(tmp_path / "runs"), **overrides}
-  return pyconfig.initialize([None, BASE, f"model_name={name}"], env={}, **values)
+  return startup.load_config([None, BASE, f"model_name={name}"], env={}, **values)
 
 
 def init(config):
@@ -150,11 +150,11 @@ def test_generation_stops_at_eos_for_each_row(gpt_generator):
 def test_sampling_strategies_keep_to_their_candidates():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 1000))
   keys = jax.random.split(jax.random.key(0), 4)
-  draw = jax.jit(lambda key, strategy, temperature, top_k, p: decode.sample(
+  draw = jax.jit(lambda key, strategy, temperature, top_k, p: sampling.sample(
       logits, key, strategy, temperature=temperature, top_k=top_k, nucleus_p=p))
 
   def drawn(strategy, temperature=1.0, top_k=4, p=1.0):
-    index = decode.STRATEGIES.index(strategy)
+    index = sampling.index(strategy)
     return np.concatenate([np.asarray(draw(key, index, temperature, top_k, p)) for key in keys])
 
   assert set(drawn("greedy")) == {0}
@@ -181,15 +181,14 @@ def trained_run(tmp_path_factory):
   data = tmp_path_factory.mktemp("corpus") / "data"
   prepare_data.prepare(str(source), str(data), vocab_size=512, validation_fraction=0.2, test_fraction=0.2,
                        num_shards=1, extensions=(".txt",), progress=False)
-  config = pyconfig.initialize(
+  config = startup.load_config(
       [None, BASE, "model_name=GPTTiny"], env={}, base_output_directory=str(tmp_path_factory.mktemp("runs")),
       run_name="r", dataset_path=str(data), vocab_size=576, base_emb_dim=32, base_mlp_dim=64,
       max_target_length=32, per_device_batch_size=1.0, num_devices=1, alibi=True, head_qk=True, head_qk_dim=16)
   spec = train_state.model_spec(config)
   tx, _ = optimizers.create(config, spec.roles)
   params = fast_init(config, spec)
-  state = {"step": jnp.int32(2), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.key_data(jax.random.key(0))}
+  state = {"step": jnp.int32(2), "params": params, "opt_state": tx.init(params)}
   checkpointer = checkpointing.Checkpointer.from_config(config)
   checkpointer.save(2, state, {}, force=True)
   checkpointer.close()
@@ -208,7 +207,7 @@ def test_decode_cli_continues_the_prompt_of_a_trained_run(trained_run, capsys):
   assert "GPTTiny (gpt)" in err and "checkpoints/2" in err and "32 generated" in err
   # The run's config.yml supplied the model keys (the checkpoint would not fit the preset's), the command
   # line its own, and the machine keys are this command's.
-  config = pyconfig.initialize_for_run(argv)
+  config = startup.load_config(argv, for_run=True)
   assert (config.base_emb_dim, config.alibi, config.head_qk, config.vocab_size) == (32, True, True, 576)
   assert config.max_decode_length == 32 and config.num_devices == len(jax.devices()) != c.num_devices
   assert decode.main([*argv[:-1], "decode_sampling_strategy=top"]) == 2

@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from MaxText import models, pyconfig, sharding, train, train_state, train_step
+from MaxText import models, pyconfig, sharding, startup, train, train_state, train_step
 from MaxText.models import mudd_dense
 from tests import reference_llama, reference_mudd
 from tests.test_llama import packed_inputs, synthetic_batch
@@ -156,7 +156,7 @@ def test_connection_shapes_init_and_roles(make_config):
 
 
 def test_405m_preset_sizes_match_the_reference():
-  config = pyconfig.initialize([None, str(pyconfig.BASE_CONFIG), "model_name=MUDDLlama2Medium", "num_devices=1"],
+  config = startup.load_config([None, str(pyconfig.BASE_CONFIG), "model_name=MUDDLlama2Medium", "num_devices=1"],
                                env={})
   widths = mudd_dense.mlp_widths(config)
   assert widths[0] == 1408 and widths[-1] == 4224 and sum(widths) == 24 * 2816
@@ -236,8 +236,7 @@ def test_one_step_moves_the_weight_generator(make_config):
   params = random_params(spec)
   for i in range(config.base_num_decoder_layers):
     params[f"layer_{i}"]["dense"]["w2"] = jnp.zeros_like(params[f"layer_{i}"]["dense"]["w2"])
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.key_data(jax.random.key(0))}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
   step = jax.jit(train_step.make_train_step(config, spec, tx, optax.constant_schedule(1e-2)))
   batch = synthetic_batch(config)
   before = state["params"]["layer_1"]["dense"]
@@ -255,8 +254,7 @@ def sgd_step_on_mesh(config, params, batch):
   """One train step with SGD(1) on config's mesh from `params`: it returns params - grads, sharded."""
   mesh, rules = sharding.make_mesh(config), config.logical_axis_rules
   spec, tx = train_state.model_spec(config), optax.sgd(1.0)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.key_data(jax.random.key(0))}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
   shardings = train_state.state_shardings(spec, jax.eval_shape(lambda: state), mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   with sharding.use_mesh(mesh, rules):

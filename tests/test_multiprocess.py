@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_train_evaluate_and_checkpoint_together(tmp_path):
   port = free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith("M_")}

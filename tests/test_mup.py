@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from MaxText import models, optimizers, parametrization, pyconfig, train_state, train_step
+from MaxText import models, optimizers, parametrization, pyconfig, startup, train_state, train_step
 from MaxText.tools import coord_check, mup_runs
 from tests import reference_llama
 from tests.test_llama import packed_inputs, synthetic_batch
@@ -23,7 +23,7 @@ def init(config):
 
 
 def expected_table(D=64, H=4, E=16, F=128, w=4.0):
-  """(init std, LR multiplier) of every Transformer++ parameter under muP, written out by hand (MODELS.md 3.2)."""
+  """(init std, LR multiplier) of every Transformer++ parameter under muP, written out by hand (TP5 Table 3, relative form)."""
   return {
       "embed/embedding": (1.0, 1.0),
       "layers/attention/wq": (D**-0.5, 1 / w), "layers/attention/wk": (D**-0.5, 1 / w),
@@ -216,7 +216,7 @@ def test_config_errors_name_the_key(make_config, args, fragment):
 @pytest.mark.parametrize("name", ["MuTransformerTiny", "MuTransformerSmall", "MuTransformerMedium",
                                   "MuTransformerLarge"])
 def test_mu_transformer_presets_step_widths_by_four_at_fixed_head_dim(name):
-  config = pyconfig.initialize([None, str(pyconfig.BASE_CONFIG)], env={}, model_name=name, num_devices=1,
+  config = startup.load_config([None, str(pyconfig.BASE_CONFIG)], env={}, model_name=name, num_devices=1,
                                per_device_batch_size=1.0)
   index = ["Tiny", "Small", "Medium", "Large"].index(name.removeprefix("MuTransformer"))
   assert config.base_emb_dim == 128 * 4**index and config.head_dim == 128 and config.mup_base_width == 128
@@ -233,7 +233,7 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_gets_mup_from_its_roles(make_config, family):
-  """Init and LR multipliers follow each parameter's role (MODELS.md 3.2); tagged keep_init stays as built."""
+  """Init and LR multipliers follow each parameter's role (TP5 Table 3); tagged keep_init stays as built."""
   sizes = dict(base_emb_dim=64, base_num_query_heads=4, head_dim=16, base_mlp_dim=256, vocab_size=256,
                mup_base_width=16, gradient_clipping_threshold=0.0, adam_weight_decay=0.0, init_weights_std=0.02)
   configs = {name: make_config(**{**sizes, **FAMILIES[family], "parametrization": name}) for name in ("sp", "mup")}

@@ -9,7 +9,7 @@ import math
 import pytest
 import yaml
 
-from MaxText import pyconfig, train
+from MaxText import pyconfig, startup, train
 
 
 def _switches(name: str) -> tuple:
@@ -28,7 +28,7 @@ def _one_per_switch_group() -> list[str]:
 
 def _shrunk(name: str) -> dict:
   """Sizes small enough for a CPU step that every family accepts; head counts keep MHA / GQA / single-head."""
-  shipped = pyconfig.initialize([None, str(pyconfig.BASE_CONFIG)], model_name=name, num_devices=1, env={})
+  shipped = startup.load_config([None, str(pyconfig.BASE_CONFIG)], model_name=name, num_devices=1, env={})
   heads = 1 if shipped.base_num_query_heads == 1 else 4
   kv_heads = (heads if shipped.base_num_kv_heads == shipped.base_num_query_heads
               else 1 if shipped.base_num_kv_heads == 1 else 2)

@@ -1,6 +1,7 @@
 """Sharded training equals unsharded training; parameters carry the PartitionSpecs the rules promise."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -149,8 +150,26 @@ def test_gradient_accumulation_equals_one_big_batch(make_config, mesh):
 
 
 def test_z_loss_is_added_to_the_objective(make_config):
-  batch = global_batch(make_config(num_devices=1, per_device_batch_size=2.0))
-  _, plain, _ = run_one_step(make_config(num_devices=1, per_device_batch_size=2.0), batch)
-  _, with_z, _ = run_one_step(make_config(num_devices=1, per_device_batch_size=2.0, z_loss_multiplier=1e-2), batch)
+  """The z-loss is reported apart from the loss and trains the model: under SGD(1) the step with it moves
+  the parameters by exactly the extra gradient of multiplier * mean(logsumexp(logits)^2)."""
+  plain_config = make_config(num_devices=1, per_device_batch_size=2.0)
+  z_config = make_config(num_devices=1, per_device_batch_size=2.0, z_loss_multiplier=1e-2)
+  batch = global_batch(plain_config)
+  sgd = optax.sgd(1.0)
+  params_plain, plain, _ = run_one_step(plain_config, batch, sgd)
+  params_z, with_z, _ = run_one_step(z_config, batch, sgd)
   assert plain["z_loss"] == 0.0 and with_z["z_loss"] > 0.0
   np.testing.assert_allclose(with_z["loss"], plain["loss"], rtol=1e-6)
+
+  spec = train_state.model_spec(z_config)
+  init = train_state.init_params(z_config, spec)
+  mask = batch["targets_segmentation"] != 0
+
+  def z_term(params):
+    logits, _ = train_state.bind(spec, params)(batch["inputs"], batch["inputs_position"],
+                                                batch["inputs_segmentation"])
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return 1e-2 * jnp.sum(jnp.where(mask, logz**2, 0.0)) / jnp.sum(mask)
+
+  extra = jax.grad(z_term)(init)
+  assert_trees_close(jax.tree.map(lambda a, b: a - b, params_plain, params_z), extra, atol=1e-6, rtol=1e-4)

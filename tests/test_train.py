@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from MaxText import checkpointing, prepare_data, pyconfig, train, train_state
+from MaxText import checkpointing, prepare_data, startup, train, train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_train_and_evaluate_end_to_end(make_config, corpus):
               "train/tflops_per_device", "train/step_time", "train/perplexity"):
     assert np.isfinite(train_rows[-1][key]) and train_rows[-1][key] > 0, key
   assert sorted(checkpointing.Checkpointer.from_config(config).all_steps()) == [20, 40]
-  saved = pyconfig.initialize([None, os.path.join(config.run_dir, "config.yml")], env={}, num_devices=1)
+  saved = startup.load_config([None, os.path.join(config.run_dir, "config.yml")], env={}, num_devices=1)
   assert saved.base_emb_dim == 64 and saved.dataset_path == corpus
 
   from tensorflow.python.summary.summary_iterator import summary_iterator  # noqa: PLC0415

@@ -15,13 +15,13 @@ from typing import Iterator
 
 import numpy as np
 
-from MaxText.input_pipeline import default_corpus, packing, tfrecord
-from MaxText.input_pipeline.tfrecord import DataError
-from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, ByteTokenizer, Tokenizer
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError, DataError
+from MaxText.input_pipeline import packing
+from MaxText.input_pipeline.sources import SOURCES, Location, Source
+from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, TOKENIZERS, ByteTokenizer, Tokenizer
 
-__all__ = ["ByteTokenizer", "DataError", "DataIterator", "Tokenizer", "create_iterator", "get_tokenizer",
-           "resolve_dataset", "token_byte_lengths"]
+__all__ = ["ByteTokenizer", "DataError", "DataIterator", "Location", "SOURCES", "Source", "TOKENIZERS", "Tokenizer",
+           "create_iterator", "get_tokenizer", "resolve_dataset", "token_byte_lengths"]
 
 _STATE_VERSION = 1
 
@@ -135,77 +135,54 @@ class DataIterator:
     return self._batch_count
 
 
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer(path: str) -> Tokenizer:
-  return Tokenizer(path)
-
-
 def resolve_dataset(config) -> tuple[str, str]:
-  """(dataset_path, tokenizer_path) the config's data comes from, preparing the default corpus if needed.
+  """(dataset, tokenizer path) the config's data comes from, preparing the default corpus if needed.
 
-  tokenizer_path is "" when there is none (synthetic data; pre-tokenized TFRecords without a model).
-  For tfds, dataset_path is the TFDS name.
+  The tokenizer path is "" when there is none (generated data; pre-tokenized files without a model).
   """
-  if config.dataset_type == "synthetic":
-    return "", ""
-  if config.dataset_type == "tfds":
-    return config.tfds_name, config.tokenizer_path
-  if not config.dataset_path and config.tokenizer_type == "byte":
-    raise ConfigError("tokenizer_type=byte needs dataset_path (the default corpus is SentencePiece-tokenized); "
-                      "prepare one with: python MaxText/prepare_data.py --tokenizer byte --input ... --output_dir ...")
-  if not config.dataset_path:
-    folder = default_corpus.ensure_default_corpus(
-        cache_dir=config.dataset_cache_dir, vocab_size=config.vocab_size, tokenizer_path=config.tokenizer_path)
-    return str(folder), str(folder / "tokenizer.model")
-  return config.dataset_path, config.tokenizer_path or tfrecord.default_tokenizer_path(config.dataset_path) or ""
+  location = SOURCES.get(config.dataset_type).locate(config)
+  return location.dataset, location.tokenizer
 
 
-def _tokenizer_at(path: str, config) -> Tokenizer:
-  try:
-    tokenizer = _load_tokenizer(path)
-  except ValueError as e:
-    raise ConfigError(f"tokenizer_path: {e}") from None
-  if tokenizer.vocab_size > config.vocab_size:
-    raise ConfigError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but vocab_size={config.vocab_size}; "
-                      f"set vocab_size >= {tokenizer.vocab_size}")
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(tokenizer_type: str, path: str):
+  return TOKENIZERS.get(tokenizer_type)(path)
+
+
+def _tokenizer(config, location: Location):
+  """The tokenizer of `tokenizer_type` at the location's path, checked against vocab_size; None when the
+  type needs a file and there is none."""
+  tokenizer = _load_tokenizer(config.tokenizer_type, location.tokenizer)
+  if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+    raise ConfigError(f"tokenizer_type={config.tokenizer_type} ({tokenizer.path}) has {tokenizer.vocab_size} tokens "
+                      f"but vocab_size={config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
   return tokenizer
 
 
-def _byte_tokenizer(config) -> ByteTokenizer:
-  tokenizer = ByteTokenizer()
-  if tokenizer.vocab_size > config.vocab_size:
-    raise ConfigError(f"tokenizer_type=byte has {tokenizer.vocab_size} token ids but vocab_size={config.vocab_size}; "
-                      f"set vocab_size >= {tokenizer.vocab_size}")
+def get_tokenizer(config):
+  """The tokenizer of the config's data, checked against vocab_size. Generated data (dataset_type=synthetic)
+  has none: this raises a ConfigError that says so."""
+  source = SOURCES.get(config.dataset_type)
+  if source.generated:
+    raise ConfigError(f"dataset_type={config.dataset_type} has no tokenizer (its documents are generated token ids)")
+  location = source.locate(config)
+  tokenizer = _tokenizer(config, location)
+  if tokenizer is None:
+    raise ConfigError(f"no tokenizer for dataset_type={config.dataset_type} data {location.dataset!r}: "
+                      f"tokenizer_type={config.tokenizer_type} needs a file; set tokenizer_path (or put "
+                      f"tokenizer.model next to the data)")
   return tokenizer
-
-
-def get_tokenizer(config) -> Tokenizer | ByteTokenizer:
-  """The tokenizer of the config's data (SentencePiece, or bytes with tokenizer_type=byte), checked
-  against vocab_size.
-
-  Synthetic data has no tokenizer: this raises a ConfigError that says so.
-  """
-  if config.dataset_type == "synthetic":
-    raise ConfigError("dataset_type=synthetic has no tokenizer (its documents are generated token ids)")
-  if config.tokenizer_type == "byte":
-    return _byte_tokenizer(config)
-  dataset_path, tokenizer_path = resolve_dataset(config)
-  if not tokenizer_path:
-    if config.dataset_type == "tfds":
-      raise ConfigError("dataset_type=tfds needs tokenizer_path (a SentencePiece model)")
-    raise ConfigError(f"no tokenizer for dataset_path={dataset_path!r}: put tokenizer.model next to the "
-                      f"TFRecord files or set tokenizer_path")
-  return _tokenizer_at(tokenizer_path, config)
 
 
 def token_byte_lengths(config) -> np.ndarray | None:
   """[vocab_size] UTF-8 bytes each token id stands for, for bits per byte; None when the data has no tokenizer."""
-  if config.dataset_type == "synthetic":
+  source = SOURCES.get(config.dataset_type)
+  if source.generated:
     return None
-  try:
-    lengths = get_tokenizer(config).byte_lengths()
-  except ConfigError:
+  tokenizer = _tokenizer(config, source.locate(config))
+  if tokenizer is None:
     return None  # pre-tokenized data without its tokenizer model
+  lengths = tokenizer.byte_lengths()
   return np.pad(lengths, (0, config.vocab_size - len(lengths)))
 
 
@@ -214,39 +191,19 @@ def create_iterator(config, split: str, *, process_index: int = 0, process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
   train = split == config.train_split
-  total, key = ((config.global_batch_size_to_load, "global_batch_size_to_load") if train
+  total, key = ((config.global_batch_size_to_train_on, "global_batch_size_to_train_on") if train
                 else (config.eval_batch_size, "eval_batch_size"))
   if total % process_count:
     raise ConfigError(f"{key}={total} sequences do not split evenly over {process_count} processes")
-  rows = total // process_count
-  if config.num_epochs == 0 or config.num_epochs < -1:
-    raise ConfigError(f"config key 'num_epochs' must be positive or -1 (repeat forever), got {config.num_epochs}")
   epochs = (None if config.num_epochs == -1 else config.num_epochs) if train else 1
-  shuffle = dict(shuffle=train, seed=config.data_shuffle_seed, shuffle_buffer_size=config.shuffle_buffer_size)
-  shard = dict(process_index=process_index, process_count=process_count)
-  tokenizer = None
-  if config.dataset_type == "synthetic":
-    from MaxText.input_pipeline.synthetic import SyntheticSource  # noqa: PLC0415
-
-    source = SyntheticSource(split, vocab_size=config.vocab_size, length=config.max_target_length, train=train,
-                             seed=config.data_shuffle_seed, **shard)
-  elif config.dataset_type == "tfds":
-    from MaxText.input_pipeline.tfds_loader import TfdsSource  # noqa: PLC0415
-
-    tokenizer = get_tokenizer(config)
-    source = TfdsSource(config.tfds_name, split, data_dir=config.tfds_data_dir, text_key=config.tfds_text_key,
-                        tokenizer=tokenizer, **shard, **shuffle)
-  else:
-    dataset_path, tokenizer_path = resolve_dataset(config)
-    files = tfrecord.split_files(dataset_path, split)
-    if config.tokenizer_type == "byte":
-      tokenizer = _byte_tokenizer(config)
-    elif tokenizer_path:
-      tokenizer = _tokenizer_at(tokenizer_path, config)
-    source = tfrecord.TFRecordSource(files, tokenizer=tokenizer, **shard, **shuffle)
+  source_class = SOURCES.get(config.dataset_type)
+  location = source_class.locate(config)
+  tokenizer = None if source_class.generated else _tokenizer(config, location)
+  source = source_class.open(config, split, location=location, train=train, tokenizer=tokenizer,
+                             process_index=process_index, process_count=process_count)
   return DataIterator(
-      source, name=split, rows=rows, length=config.max_target_length, packing_on=config.packing, epochs=epochs,
-      bos_id=(tokenizer.bos_id if tokenizer else BOS_ID) if config.add_bos else None,
+      source, name=split, rows=total // process_count, length=config.max_target_length, packing_on=config.packing,
+      epochs=epochs, bos_id=(tokenizer.bos_id if tokenizer else BOS_ID) if config.add_bos else None,
       eos_id=(tokenizer.eos_id if tokenizer else EOS_ID) if config.add_eos else None,
       vocab_size=config.vocab_size, shard=(process_index, process_count),
       row_shuffle=((config.packed_shuffle_buffer_size, config.data_shuffle_seed)

@@ -16,6 +16,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from MaxText.errors import ConfigError, PrepareError
+
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/maxtext_research"
 _EXCLUDE_DIRS = ("site-packages", "dist-packages", "__pycache__")
@@ -60,8 +62,7 @@ def ensure_default_corpus(cache_dir: str = "", vocab_size: int = 8192, tokenizer
 
   `source_dir` replaces the standard library (tests use a small folder).
   """
-  from MaxText.prepare_data import INFO_FILE, PrepareError, prepare  # noqa: PLC0415 (prepare_data imports us)
-  from MaxText.pyconfig import ConfigError  # noqa: PLC0415
+  from MaxText.prepare_data import INFO_FILE, prepare  # noqa: PLC0415 (a script; loaded only for the corpus)
 
   if tokenizer_path and not Path(tokenizer_path).expanduser().is_file():
     raise ConfigError(f"tokenizer_path {tokenizer_path!r} is not a file")

@@ -14,7 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError
+from MaxText.input_pipeline.sources import SOURCES, Location, Source
 
 _FIRST_ID = 4  # the ids below are pad, unk, bos, eos
 _BLOCK = 256  # documents generated per numpy call
@@ -23,8 +24,22 @@ TRAIN_DOCS_PER_EPOCH = 1 << 16
 EVAL_DOCS = 256
 
 
-class SyntheticSource:
+@SOURCES.register("synthetic")
+class SyntheticSource(Source):
   """Synthetic documents of one split on one process (documents i::n of the split on process i of n)."""
+
+  generated = True
+
+  @classmethod
+  def locate(cls, config) -> Location:
+    return Location("", "")
+
+  @classmethod
+  def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
+           process_count: int) -> "SyntheticSource":
+    del location, tokenizer
+    return cls(split, vocab_size=config.vocab_size, length=config.max_target_length, train=train,
+               seed=config.data_shuffle_seed, process_index=process_index, process_count=process_count)
 
   def __init__(self, split: str, *, vocab_size: int, length: int, train: bool, seed: int,
                process_index: int = 0, process_count: int = 1):

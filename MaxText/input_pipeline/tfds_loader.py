@@ -6,14 +6,29 @@ from typing import Iterator
 
 import numpy as np
 
+from MaxText.errors import ConfigError, DataError
 from MaxText.input_pipeline import tfrecord
-from MaxText.pyconfig import ConfigError
+from MaxText.input_pipeline.sources import SOURCES, Location, Source
 
 _CHUNK_DOCS = 128
 
 
-class TfdsSource:
+@SOURCES.register("tfds")
+class TfdsSource(Source):
   """The documents of one TFDS split on one process (every n-th example on process i of n)."""
+
+  @classmethod
+  def locate(cls, config) -> Location:
+    return Location(config.tfds_name, config.tokenizer_path)
+
+  @classmethod
+  def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
+           process_count: int) -> "TfdsSource":
+    if tokenizer is None:
+      raise ConfigError("dataset_type=tfds needs tokenizer_path (a SentencePiece model) or tokenizer_type=byte")
+    return cls(location.dataset, split, data_dir=config.tfds_data_dir, text_key=config.tfds_text_key,
+               tokenizer=tokenizer, process_index=process_index, process_count=process_count, shuffle=train,
+               seed=config.data_shuffle_seed, shuffle_buffer_size=config.shuffle_buffer_size)
 
   def __init__(self, name: str, split: str, *, data_dir: str, text_key: str, tokenizer,
                process_index: int = 0, process_count: int = 1, shuffle: bool = False, seed: int = 0,
@@ -54,4 +69,4 @@ class TfdsSource:
       for texts_D in ds.as_numpy_iterator():
         yield tfrecord.tokenize_texts(self.tokenizer, texts_D)
     except tf.errors.OpError as e:
-      raise tfrecord.DataError(f"reading {self.where} failed: {e.message.strip().splitlines()[0]}") from None
+      raise DataError(f"reading {self.where} failed: {e.message.strip().splitlines()[0]}") from None

@@ -12,16 +12,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError, DataError
+from MaxText.input_pipeline.sources import SOURCES, Location, Source
 
 TOKENS, TEXT = "tokens", "text"
 # Documents per parsed chunk: large enough to amortise Python overhead, small enough to start quickly.
 _CHUNK_DOCS = 128
 _tf = None
-
-
-class DataError(ConfigError):
-  """Unreadable or inconsistent data; the one-line message names the file or dataset."""
 
 
 def import_tf():
@@ -225,12 +222,35 @@ def find_bad_file(files: Sequence[str], feature: str) -> tuple[str, str] | None:
   return None
 
 
-class TFRecordSource:
+@SOURCES.register("tfrecord")
+class TFRecordSource(Source):
   """The documents of one split on one process, as chunks, with a per-epoch deterministic shuffle.
 
   Process i of n reads files i::n when there are at least n files, else every n-th record of all files,
-  so the processes see disjoint documents whose union is the split.
+  so the processes see disjoint documents whose union is the split. With no dataset_path, the embedded
+  default corpus is prepared (once per machine) and read.
   """
+
+  @classmethod
+  def locate(cls, config) -> Location:
+    if not config.dataset_path:
+      if config.tokenizer_type == "byte":
+        raise ConfigError("tokenizer_type=byte needs dataset_path (the default corpus is SentencePiece-tokenized); "
+                          "prepare one with: python MaxText/prepare_data.py --tokenizer byte --input ... "
+                          "--output_dir ...")
+      from MaxText.input_pipeline import default_corpus  # noqa: PLC0415
+
+      folder = default_corpus.ensure_default_corpus(
+          cache_dir=config.dataset_cache_dir, vocab_size=config.vocab_size, tokenizer_path=config.tokenizer_path)
+      return Location(str(folder), str(folder / "tokenizer.model"))
+    return Location(config.dataset_path, config.tokenizer_path or default_tokenizer_path(config.dataset_path) or "")
+
+  @classmethod
+  def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
+           process_count: int) -> "TFRecordSource":
+    return cls(split_files(location.dataset, split), tokenizer=tokenizer, process_index=process_index,
+               process_count=process_count, shuffle=train, seed=config.data_shuffle_seed,
+               shuffle_buffer_size=config.shuffle_buffer_size)
 
   def __init__(self, files: Sequence[str], *, tokenizer=None, process_index: int = 0,
                process_count: int = 1, shuffle: bool = False, seed: int = 0, shuffle_buffer_size: int = 1024):

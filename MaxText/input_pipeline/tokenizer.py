@@ -1,7 +1,13 @@
-"""SentencePiece tokenizer: loading, encoding, and training a whitespace-preserving model for source code.
+"""Tokenizers (`tokenizer_type`, the TOKENIZERS registry): SentencePiece and UTF-8 bytes; training a
+whitespace-preserving SentencePiece model for source code.
 
-Every model this project trains uses the ids pad=0, unk=1, bos=2, eos=3; the pipeline pads with 0 and
-masks padding through segment ids, so a foreign model only needs its own bos/eos, which are read from it.
+A tokenizer is registered as a loader, `load(path) -> tokenizer` (None when it needs a file and `path` is
+""), where a tokenizer has `encode(text)`,
+`encode_batch(texts)`, `decode(ids)`, `id_to_piece(i)`, `byte_lengths()` (bytes of text per id, for bits
+per byte), `vocab_size`, `pad_id`, `bos_id` and `eos_id`; `encode` adds no BOS/EOS (the input pipeline
+adds them per document). Every model this project trains uses the ids pad=0, unk=1, bos=2, eos=3; the
+pipeline pads with 0 and masks padding through segment ids, so a foreign model only needs its own bos/eos,
+which are read from it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from MaxText.errors import ConfigError
+from MaxText.registry import Registry
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # SentencePiece skips longer lines while training; long lines of code are rare and still encode fine.
@@ -102,6 +111,25 @@ class ByteTokenizer:
 
   def __repr__(self) -> str:
     return "ByteTokenizer()"
+
+
+TOKENIZERS: Registry = Registry("tokenizer_type", "tokenizer")
+
+
+@TOKENIZERS.register("sentencepiece")
+def load_sentencepiece(path: str) -> Tokenizer | None:
+  if not path:
+    return None
+  try:
+    return Tokenizer(path)
+  except ValueError as e:
+    raise ConfigError(f"tokenizer_path: {e}") from None
+
+
+@TOKENIZERS.register("byte")
+def load_bytes(path: str) -> ByteTokenizer:
+  del path  # nothing to load
+  return ByteTokenizer()
 
 
 def _lines_of_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:

@@ -12,6 +12,14 @@ A family class is an `nnx.Module` with
   flops_per_token(config)     (staticmethod) training FLOPs per token (forward + backward)
   config_keys                 (class attribute) the base_v2.yml keys only this family reads; another
                               family's run that sets one away from its default is a config error
+and, optionally, checkpoint conversion to and from another code base's flat {name: tensor} layout
+(`convert_checkpoint.py` only dispatches to these):
+  from_hf(config, tensors)    (classmethod) {name: array} (a lazy mapping) -> the parameter tree (numpy)
+  to_hf(config, params)       (classmethod) parameter tree -> iterator of (name, numpy array)
+  config_from_hf(hf_config)   (classmethod) an HF config.json dict -> {config key: value}
+  hf_config(config)           (classmethod) the config.json dict of this model
+Families built from the shared skeleton (embedding, layers, final norm, logits, decode cache) subclass
+`models.decoder.Decoder` and write only their layers.
 `model_name` picks a preset YAML in configs/models/, and the preset's `decoder_block` picks the family.
 """
 
@@ -19,19 +27,27 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from flax import nnx
 
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError
+from MaxText.registry import Registry
 
-_FAMILIES: dict[str, type] = {}
+
+def _import_families() -> None:
+  for module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{module.name}")
+
+
+FAMILIES: Registry[type] = Registry("decoder_block", "model family", load=_import_families)
 
 
 class ModelFamily(nnx.Module):
   """Defaults shared by every family."""
 
   config_keys: tuple[str, ...] = ()
+  family_name = ""
 
   @classmethod
   def validate(cls, config) -> None:
@@ -44,31 +60,48 @@ class ModelFamily(nnx.Module):
   def init_cache(self, batch: int, max_length: int):
     raise ConfigError(f"model family {type(self).__name__} has no decode cache")
 
+  # --- Checkpoint conversion (optional) ---
+
+  @classmethod
+  def _no_conversion(cls):
+    return ConfigError(f"model family {cls.family_name!r} cannot convert Hugging Face checkpoints")
+
+  @classmethod
+  def config_from_hf(cls, hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    raise cls._no_conversion()
+
+  @classmethod
+  def hf_config(cls, config) -> dict[str, Any]:
+    raise cls._no_conversion()
+
+  @classmethod
+  def from_hf(cls, config, tensors: Mapping[str, Any]) -> dict:
+    raise cls._no_conversion()
+
+  @classmethod
+  def to_hf(cls, config, params: dict) -> Iterator[tuple[str, Any]]:
+    raise cls._no_conversion()
+
 
 def register(name: str) -> Callable[[type], type]:
   def wrap(cls: type) -> type:
-    if name in _FAMILIES and _FAMILIES[name] is not cls:
-      raise ValueError(f"model family {name!r} registered twice")
-    _FAMILIES[name] = cls
     cls.family_name = name
-    return cls
+    return FAMILIES.register(name)(cls)
   return wrap
 
 
 def family_names() -> list[str]:
-  return sorted(_FAMILIES)
+  return sorted(FAMILIES.names())
 
 
 def get_family(name: str) -> type:
-  if name not in _FAMILIES:
-    raise ConfigError(f"unknown decoder_block {name!r}; registered families: {', '.join(family_names())}")
-  return _FAMILIES[name]
+  return FAMILIES.get(name)
 
 
 def check_config(config, defaults: dict) -> None:
   """The family's own checks, and no key of another family set away from its default (it would be ignored)."""
   family = get_family(config.decoder_block)
-  for name, other in sorted(_FAMILIES.items()):
+  for name, other in sorted(FAMILIES.items()):
     if other is family:
       continue
     for key in other.config_keys:
@@ -80,8 +113,3 @@ def check_config(config, defaults: dict) -> None:
 
 def build(config, rngs: nnx.Rngs) -> nnx.Module:
   return get_family(config.decoder_block)(config, rngs=rngs)
-
-
-for _module in pkgutil.iter_modules(__path__):
-  if _module.name != "layers":
-    importlib.import_module(f"{__name__}.{_module.name}")

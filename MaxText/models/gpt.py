@@ -21,10 +21,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import parametrization
-from MaxText.models import ModelFamily, register
-from MaxText.models import layers
-from MaxText.models.layers import BLD, BLHE, BLKE, BLV
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError
+from MaxText.models import attention, decoder, layers, register
+from MaxText.models.layers import BLD, BLHE, BLKE
 from MaxText.sharding import constrain
 
 
@@ -105,20 +104,16 @@ class Attention(nnx.Module):
       q_BLHE = (unit(q_BLHE, self.eps) * self.qk_scale[...].astype(jnp.float32)[:, None]).astype(dt)
       k_BLKE = unit(k_BLKE, self.eps).astype(dt)
     q_BLHE, k_BLKE, v_BLKE = constrain(q_BLHE, BLHE), constrain(k_BLKE, BLKE), constrain(v_BLKE, BLKE)
-    if cache is None:
-      k_BSKE, v_BSKE = k_BLKE, v_BLKE
-      key_positions_BS, key_segment_BS = positions_BL, segment_ids_BL
-    else:
-      cache = {"k": layers.cache_write(cache["k"], k_BLKE, positions_BL),
-               "v": layers.cache_write(cache["v"], v_BLKE, positions_BL)}
-      k_BSKE, v_BSKE = cache["k"], cache["v"]
-      key_positions_BS = layers.slot_positions(key_segment_BS)
-    mask_BLS = layers.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
-    bias_BHLS = alibi_bias(positions_BL, key_positions_BS, self.num_heads) if self.alibi else None
-    out_BLHE = layers.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask_BLS, scale=self.scale, bias_BHLS=bias_BHLS,
-                                            implementation=self.implementation)
-    out_BLD = jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)) + self.bo[...].astype(dt)
-    layers.record_attention_stats(stats, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask_BLS, self.scale)
+
+    def output(out_BLHE):
+      return jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+
+    def bias(mask):
+      return alibi_bias(mask.q_position_BL, mask.k_position_BS, self.num_heads)
+
+    out_BLD, cache = attention.self_attention(
+        q_BLHE, k_BLKE, v_BLKE, positions_BL, segment_ids_BL, cache, key_segment_BS, scale=self.scale,
+        implementation=self.implementation, stats=stats, output=output, bias=bias if self.alibi else None)
     return checkpoint_name(out_BLD, "out_proj"), cache
 
 
@@ -131,7 +126,7 @@ class Block(nnx.Module):
     self.parallel = config.parallel_residual
     self.sgu_width = config.sgu_band_width if config.static_sgu else None
     norm = dict(eps=config.normalization_layer_epsilon, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs,
-                use_scale_and_bias=config.use_norm_gains)
+                use_scale=config.use_norm_gains)
     if self.parallel:
       self.norm = layers.LayerNorm(D, **norm)
     else:
@@ -170,8 +165,8 @@ class Block(nnx.Module):
     if cache is None:
       source_BSU, key_positions_BS, key_segment_BS = h_BLU, positions_BL, segment_ids_BL
     else:
-      source_BSU = layers.cache_write(cache["sgu"], h_BLU, positions_BL)
-      key_positions_BS = layers.slot_positions(key_segment_BS)
+      source_BSU = attention.cache_write(cache["sgu"], h_BLU, positions_BL)
+      key_positions_BS = attention.slot_positions(key_segment_BS)
       cache = {**attention_cache, "sgu": source_BSU}
     kernel_BLS = sgu_kernel(positions_BL, segment_ids_BL, key_positions_BS, key_segment_BS, self.sgu_width)
     s_BLU = jnp.einsum("bls,bsu->blu", kernel_BLS, source_BSU.astype(jnp.float32)).astype(h_BLD.dtype)
@@ -179,76 +174,41 @@ class Block(nnx.Module):
 
 
 @register("gpt")
-class GPT(ModelFamily):
+class GPT(decoder.Decoder):
   """Embedding (+ positions) -> N GPT blocks (scanned or unrolled) -> LayerNorm -> logits (+ head-QK)."""
 
   config_keys = ("alibi", "parallel_residual", "static_sgu", "sgu_band_width", "head_qk", "head_qk_dim", "qk_norm")
+  Block = Block
+  Norm = layers.LayerNorm
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype, weight_dtype = layers.dtypes(config)
-    D, V = config.base_emb_dim, config.vocab_size
-    init = layers.normal(config.init_weights_std)
-    self.embed = layers.Embed(V, D, init=init, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs)
-    if not config.alibi:
-      self.position_embedding = layers.param(rngs, init, (config.max_target_length, D), (None, "embed"),
-                                             role="embedding", dtype=weight_dtype)
-    self.layers = layers.make_stack(config.base_num_decoder_layers, lambda r: Block(config, rngs=r), rngs)
-    self.final_norm = layers.LayerNorm(D, eps=config.normalization_layer_epsilon, dtype=dtype,
-                                       weight_dtype=weight_dtype, rngs=rngs, use_scale_and_bias=config.use_norm_gains)
-    if not config.logits_via_embedding:
-      self.unembed = layers.param(rngs, init, (V, D), ("vocab", "embed"), role="readout", dtype=weight_dtype,
-                                  fan_in=D)
-    if config.head_qk:
+  def make_inputs(self, rngs: nnx.Rngs) -> None:
+    c = self.config
+    if not c.alibi:
+      self.position_embedding = layers.param(rngs, layers.normal(c.init_weights_std), (c.max_target_length,
+                                             c.base_emb_dim), (None, "embed"), role="embedding",
+                                             dtype=layers.dtypes(c)[1])
+
+  def make_head(self, rngs: nnx.Rngs) -> None:
+    c = self.config
+    if c.head_qk:
       # Both inits are part of the trick (a zero query makes it start switched off), so no
       # parametrization redraws them.
-      R = config.head_qk_dim
-      head = dict(role="hidden", dtype=weight_dtype, fan_in=D, tag="keep_init")
+      D, R = c.base_emb_dim, c.head_qk_dim
+      head = dict(role="hidden", dtype=layers.dtypes(c)[1], fan_in=D, tag="keep_init")
       self.head_q = layers.param(rngs, layers.constant(0.0), (D, R), ("embed", None), **head)
       self.head_k = layers.param(rngs, jax.nn.initializers.orthogonal(scale=0.1), (D, R), ("embed", None), **head)
 
-  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None):
-    c = self.config
+  def embed_tokens(self, tokens_BL, positions_BL):
     x_BLD = self.embed(tokens_BL)
-    if not c.alibi:
+    if not self.config.alibi:
       x_BLD = x_BLD + jnp.take(self.position_embedding[...], positions_BL, axis=0).astype(x_BLD.dtype)
-    x_BLD = constrain(x_BLD, BLD)
-    embed_size = layers.mean_abs(x_BLD) if c.record_activations else None
-    key_segment_BS = layer_cache = None
-    if cache is not None:
-      key_segment_BS = layers.cache_write(cache["segment_ids"], segment_ids_BL, positions_BL)
-      layer_cache = cache["layers"]
+    return x_BLD
 
-    def call(layer, x_BLD, layer_cache):
-      if not c.record_activations:
-        return layer(x_BLD, positions_BL, segment_ids_BL, layer_cache, key_segment_BS)
-      stats = {}
-      x_BLD, layer_cache = layer(x_BLD, positions_BL, segment_ids_BL, layer_cache, key_segment_BS, stats)
-      return x_BLD, (layer_cache, stats)
-
-    x_BLD, outs = layers.run_stack(self.layers, call, x_BLD, layer_cache, scan=c.scan_layers,
-                                   remat_policy=c.remat_policy)
-    layer_cache, layer_stats = outs if c.record_activations else (outs, None)
-    h_BLD = self.final_norm(x_BLD)
-    logits_BLV = self.logits(h_BLD)
-    aux = {}
-    if c.record_activations:  # per-layer sites are [N] arrays (one entry per layer)
-      aux["activations"] = {"embed": embed_size, **layer_stats, "logits": layers.mean_abs(logits_BLV)}
-    new_cache = None if cache is None else {"layers": layer_cache, "segment_ids": key_segment_BS}
-    if c.head_qk:
-      copy_BLV, head_cache = self.head_qk_logits(h_BLD, tokens_BL, positions_BL, segment_ids_BL, cache,
-                                                 key_segment_BS)
-      logits_BLV = logits_BLV + copy_BLV
-      if new_cache is not None:
-        new_cache.update(head_cache)
-    if new_cache is not None:
-      aux["cache"] = new_cache
-    return constrain(logits_BLV, BLV), aux
-
-  def logits(self, x_BLD):
-    c = self.config
-    return layers.output_logits(x_BLD, self.embed, None if c.logits_via_embedding else self.unembed,
-                                parametrization.logits_multiplier(c))
+  def head(self, h_BLD, logits_BLV, tokens_BL, positions_BL, segment_ids_BL, cache, key_segment_BS):
+    if not self.config.head_qk:
+      return logits_BLV, {}
+    copy_BLV, head_cache = self.head_qk_logits(h_BLD, tokens_BL, positions_BL, segment_ids_BL, cache, key_segment_BS)
+    return logits_BLV + copy_BLV, head_cache
 
   def head_qk_logits(self, h_BLD, tokens_BL, positions_BL, segment_ids_BL, cache, key_segment_BS):
     """logits_i[v] += sum over visible j (causal, diagonal included, same document) with x_j = v of
@@ -261,11 +221,11 @@ class GPT(ModelFamily):
       k_BSR, tokens_BS, key_positions_BS, key_segment_BS = k_BLR, tokens_BL, positions_BL, segment_ids_BL
       head_cache = {}
     else:
-      k_BSR = layers.cache_write(cache["head_k"], k_BLR, positions_BL)
-      tokens_BS = layers.cache_write(cache["tokens"], tokens_BL, positions_BL)
-      key_positions_BS = layers.slot_positions(key_segment_BS)
+      k_BSR = attention.cache_write(cache["head_k"], k_BLR, positions_BL)
+      tokens_BS = attention.cache_write(cache["tokens"], tokens_BL, positions_BL)
+      key_positions_BS = attention.slot_positions(key_segment_BS)
       head_cache = {"head_k": k_BSR, "tokens": tokens_BS}
-    mask_BLS = layers.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
+    mask_BLS = attention.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
     c_BLS = jnp.einsum("blr,bsr->bls", q_BLR, k_BSR, preferred_element_type=jnp.float32) / R
     c_BLS = jnp.where(mask_BLS, c_BLS, 0.0)
     # A scatter-add into the vocabulary instead of c @ one_hot(x): the one-hot would be as large as the logits.
@@ -273,23 +233,23 @@ class GPT(ModelFamily):
     copy_BLV = jax.vmap(lambda c_LS, t_S: jnp.zeros((L, V), jnp.float32).at[:, t_S].add(c_LS))(c_BLS, tokens_BS)
     return copy_BLV, head_cache
 
-  def init_cache(self, batch: int, max_length: int):
+  def init_layer_cache(self, batch: int, max_length: int):
     c = self.config
     if not c.alibi and max_length > c.max_target_length:
       raise ConfigError(
           f"a decode cache of {max_length} positions exceeds max_target_length={c.max_target_length}, the size of "
           f"GPT's learned position table; shorten max_prefill_predict_length + max_decode_length or use alibi=true")
-    N, K = c.base_num_decoder_layers, c.base_num_kv_heads
-    E = c.head_dim // 2 if c.static_sgu else c.head_dim
-    layer_cache = {"k": jnp.zeros((N, batch, max_length, K, E), c.dtype),
-                   "v": jnp.zeros((N, batch, max_length, K, E), c.dtype)}
+    layer_cache = attention.kv_cache(c, batch, max_length, head_dim=c.head_dim // 2 if c.static_sgu else c.head_dim)
     if c.static_sgu:
-      layer_cache["sgu"] = jnp.zeros((N, batch, max_length, c.base_emb_dim // 2), c.dtype)
-    cache = {"layers": layer_cache, "segment_ids": jnp.zeros((batch, max_length), jnp.int32)}
-    if c.head_qk:
-      cache["head_k"] = jnp.zeros((batch, max_length, c.head_qk_dim), c.dtype)
-      cache["tokens"] = jnp.zeros((batch, max_length), jnp.int32)
-    return cache
+      layer_cache["sgu"] = jnp.zeros((c.base_num_decoder_layers, batch, max_length, c.base_emb_dim // 2), c.dtype)
+    return layer_cache
+
+  def init_head_cache(self, batch: int, max_length: int):
+    c = self.config
+    if not c.head_qk:
+      return {}
+    return {"head_k": jnp.zeros((batch, max_length, c.head_qk_dim), c.dtype),
+            "tokens": jnp.zeros((batch, max_length), jnp.int32)}
 
   @classmethod
   def validate(cls, config) -> None:
@@ -314,8 +274,8 @@ class GPT(ModelFamily):
     A = D
     if config.static_sgu:
       A, E = D // 2, E // 2
-    per_layer = A * H * E * 2 + A * K * E * 2 + D * F * (len(config.mlp_activations) + 1)
-    flops = 6 * N * per_layer + 6 * N * L * H * E + 6 * D * config.vocab_size
+    per_layer = decoder.attention_macs(A, H, K, E) + decoder.mlp_macs(D, F, len(config.mlp_activations))
+    flops = decoder.training_flops(config, N * per_layer, head_dim=E)
     if config.static_sgu:
       flops += N * 2 * min(config.sgu_band_width + 1, L) * D
     if config.head_qk:

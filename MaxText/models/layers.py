@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from MaxText.registry import Registry
 from MaxText.sharding import constrain
 
 BLD = ("activation_batch", "activation_length", "activation_embed")
@@ -39,17 +40,32 @@ ROLES = ("embedding", "hidden", "readout", "gain", "bias", "codebook")
 # "query": the query projection (zero_init_query); "keep_init": an init that is part of the architecture
 # (e.g. a zero-initialised gate that makes a block start as the identity), which no parametrization redraws.
 TAGS = ("query", "keep_init")
-# Large but finite, so that a fully masked row gives a uniform softmax rather than NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "gelu": jax.nn.gelu,  # tanh approximation, as flax's nn.gelu
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
-    "linear": lambda x: x,
-}
+ACTIVATIONS: Registry[Callable[[jax.Array], jax.Array]] = Registry("mlp_activations", "MLP activation")
+ACTIVATIONS.register("silu")(jax.nn.silu)
+ACTIVATIONS.register("relu")(jax.nn.relu)
+
+
+@ACTIVATIONS.register("gelu")
+def gelu(x):
+  """The tanh approximation, as flax's nn.gelu."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+@ACTIVATIONS.register("gelu_exact")
+def gelu_exact(x):
+  """The erf form."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+@ACTIVATIONS.register("squared_relu")
+def squared_relu(x):
+  return jnp.square(jax.nn.relu(x))
+
+
+@ACTIVATIONS.register("linear")
+def linear(x):
+  return x
 
 
 def dtypes(config) -> tuple[jnp.dtype, jnp.dtype]:
@@ -160,7 +176,7 @@ class MLP(nnx.Module):
       a_FT = getattr(self, f"wi_{i}")[...].astype(self.dtype) @ x_DT
       if self.use_bias:
         a_FT = a_FT + getattr(self, f"bi_{i}")[...].astype(self.dtype)[:, None]
-      a_FT = ACTIVATIONS[name](a_FT)
+      a_FT = ACTIVATIONS.get(name)(a_FT)
       h_FT = a_FT if h_FT is None else h_FT * a_FT
     h_FT = constrain(h_FT, FT)
     if stats is not None:
@@ -181,60 +197,34 @@ def output_logits(x_BLD: jax.Array, embed: "Embed", unembed_VD, multiplier: floa
   return logits_BLV if multiplier == 1.0 else logits_BLV * multiplier
 
 
-def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> jax.Array:
-  """[B, L, S] bool: same document (segment id) and not in the future (position order)."""
-  same_doc = q_segment_BL[:, :, None] == k_segment_BS[:, None, :]
-  causal = k_position_BS[:, None, :] <= q_position_BL[:, :, None]
-  return same_doc & causal
+REMAT_POLICIES: Registry[Callable[..., Callable]] = Registry("remat_policy", "remat policy")
 
 
-def dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask_BLS, *, scale: float, bias_BHLS=None,
-                          implementation: str = "autoselected") -> jax.Array:
-  """Softmax attention with grouped KV heads; scores and softmax in float32.
-
-  `dot_product` is the plain reference; `autoselected` is jax.nn.dot_product_attention (XLA on CPU,
-  cuDNN where it applies).
-  """
-  if implementation == "autoselected" and bias_BHLS is None:
-    return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask_BLS[:, None], scale=scale)
-  B, L, H, E = q_BLHE.shape
-  K = k_BSKE.shape[2]
-  q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
-  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
-  if bias_BHLS is not None:
-    s_BKGLS = s_BKGLS + bias_BHLS.reshape(B, K, H // K, *bias_BHLS.shape[2:]).astype(jnp.float32)
-  s_BKGLS = jnp.where(mask_BLS[:, None, None], s_BKGLS, MASK_VALUE)
-  p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(v_BSKE.dtype)
-  out_BLKGE = jnp.einsum("bkgls,bske->blkge", p_BKGLS, v_BSKE)
-  return out_BLKGE.reshape(B, L, H, E)
+@REMAT_POLICIES.register("none")
+def _keep_everything(fn: Callable, prevent_cse: bool) -> Callable:
+  del prevent_cse
+  return fn
 
 
-def kv_cache(config, batch: int, max_length: int) -> dict[str, jax.Array]:
-  """An empty cache of keys and values per layer, [layers, batch, max_length, kv_heads, head_dim], plus the
-  segment ids of its slots (0 = empty, never attended to)."""
-  shape = (config.base_num_decoder_layers, batch, max_length, config.base_num_kv_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype),
-          "segment_ids": jnp.zeros((batch, max_length), jnp.int32)}
+@REMAT_POLICIES.register("full")
+def _save_inputs_only(fn: Callable, prevent_cse: bool) -> Callable:
+  return jax.checkpoint(fn, prevent_cse=prevent_cse)
 
 
-def cache_write(cache_BS: jax.Array, new_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
-  """Write each row's new entries at their positions (a cache slot per position); out of range is dropped."""
-  rows_B1 = jnp.arange(cache_BS.shape[0])[:, None]
-  return cache_BS.at[rows_B1, positions_BL].set(new_BL.astype(cache_BS.dtype), mode="drop")
+@REMAT_POLICIES.register("minimal")
+def _save_projections(fn: Callable, prevent_cse: bool) -> Callable:
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable, prevent_cse=prevent_cse)
+
+
+@REMAT_POLICIES.register("save_qkv_proj")
+def _save_qkv(fn: Callable, prevent_cse: bool) -> Callable:
+  policy = jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj")
+  return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
 
 
 def remat(fn: Callable, policy: str, *, prevent_cse: bool) -> Callable:
-  """Wrap a layer body in jax.checkpoint according to `remat_policy`."""
-  if policy == "none":
-    return fn
-  policies = {
-      "full": None,  # save nothing but the layer inputs
-      "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
-      "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
-  }
-  if policy not in policies:
-    raise ValueError(f"unknown remat_policy {policy!r}")
-  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=prevent_cse)
+  """Wrap a layer body as `remat_policy` says (the names are REMAT_POLICIES')."""
+  return REMAT_POLICIES.get(policy)(fn, prevent_cse)
 
 
 def make_stack(n: int, make_layer: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
@@ -282,34 +272,13 @@ def mean_abs(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
   return jnp.sum(jnp.where(where, a, 0.0)) / jnp.maximum(jnp.sum(where), 1)
 
 
-def slot_positions(key_segment_BS: jax.Array) -> jax.Array:
-  """[B, S] positions of a KV cache's slots: slot s holds position s."""
-  return jnp.broadcast_to(jnp.arange(key_segment_BS.shape[1], dtype=jnp.int32), key_segment_BS.shape)
-
-
-def record_attention_stats(stats: dict | None, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask_BLS, scale: float) -> None:
-  """The coordinate-check sites of an attention layer, when a `stats` dict is being recorded."""
-  if stats is not None:
-    stats.update(q=mean_abs(q_BLHE), k=mean_abs(k_BLKE), attn_out=mean_abs(out_BLD),
-                 attn_logits=attention_logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, scale))
-
-
-def attention_logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, scale: float) -> jax.Array:
-  """mean |scale * q.k| over the unmasked pairs; recomputed apart from the attention kernel, which hides them."""
-  B, L, H, E = q_BLHE.shape
-  K = k_BSKE.shape[2]
-  q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
-  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
-  return mean_abs(s_BKGLS, mask_BLS[:, None, None])
-
-
 class LayerNorm(nnx.Module):
   """(x - mean) / std * scale + bias over the last axis, in float32 whatever the activation dtype."""
 
   def __init__(self, dim: int, *, eps: float, dtype, weight_dtype, rngs: nnx.Rngs | None = None,
-               use_scale_and_bias: bool = True):
+               use_scale: bool = True):
     self.eps, self.dtype = eps, dtype
-    on = use_scale_and_bias
+    on = use_scale  # the gain and the bias, both or neither
     self.scale = param(rngs, constant(1.0), (dim,), ("norm",), role="gain", dtype=weight_dtype) if on else None
     self.bias = param(rngs, constant(0.0), (dim,), ("norm",), role="bias", dtype=weight_dtype) if on else None
 

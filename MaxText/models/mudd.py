@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from MaxText import parametrization
-from MaxText.models import ModelFamily, layers, mudd_dense, register, transformer_pp
-from MaxText.models.layers import BLD, BLV
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError
+from MaxText.models import decoder, layers, mudd_dense, register, transformer_pp
+from MaxText.models.layers import BLD
 from MaxText.sharding import constrain
 
 
@@ -60,7 +59,7 @@ class Layer(nnx.Module):
 
 
 @register("mudd")
-class MUDDFormer(ModelFamily):
+class MUDDFormer(decoder.Decoder):
   """Embedding -> N multiway layers, each followed by a dense connection -> RMSNorm -> vocabulary logits.
 
   aux["dense_weights"] holds each layer's connection weights A_i: [B, L, C_i, i + 2] (dynamic) or
@@ -70,40 +69,25 @@ class MUDDFormer(ModelFamily):
   config_keys = ("mudd_streams", "mudd_dynamic", "mudd_prepostnorm", "mudd_last_layer_hidden_expand",
                  "mlp_dim_scale_with_depth")
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype, weight_dtype = layers.dtypes(config)
-    D, V = config.base_emb_dim, config.vocab_size
-    init = layers.normal(config.init_weights_std)
-    self.embed = layers.Embed(V, D, init=init, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs)
+  def make_inputs(self, rngs: nnx.Rngs) -> None:
     # The normalised copy of the embedding (X_0) that the pre/post-norm variant aggregates.
+    c = self.config
     self.embed_source_norm = None
-    if config.mudd_prepostnorm and mudd_dense.parse_streams(config.mudd_streams):
-      self.embed_source_norm = nnx.data(layers.RMSNorm(D, eps=config.normalization_layer_epsilon, dtype=dtype,
-                                                       weight_dtype=weight_dtype, rngs=rngs,
-                                                       use_scale=config.use_norm_gains))
+    if c.mudd_prepostnorm and mudd_dense.parse_streams(c.mudd_streams):
+      self.embed_source_norm = nnx.data(self.make_norm(rngs))
+
+  def make_layers(self, rngs: nnx.Rngs) -> None:
     # Traced (eval_shape, the sharded init), each layer is built in a nested jit, a short trace of its own:
     # in one long trace every RNG draw makes flax look up a tracer's sharding, whose error message walks
     # the whole trace so far: the 405M model took 3.4 s instead of 1.2 s. Eager builds need no such help
     # and would pay a compile per layer.
     traced = isinstance(rngs.params.key[...], jax.core.Tracer)
-    for i, mlp_dim in enumerate(mudd_dense.mlp_widths(config)):  # string keys, so Orbax sees a plain dict
-      make = lambda r, i=i, f=mlp_dim: Layer(config, i, f, rngs=r)  # noqa: E731
+    for i, mlp_dim in enumerate(mudd_dense.mlp_widths(self.config)):  # string keys, so Orbax sees a plain dict
+      make = lambda r, i=i, f=mlp_dim: Layer(self.config, i, f, rngs=r)  # noqa: E731
       setattr(self, f"layer_{i}", nnx.jit(make)(rngs) if traced else make(rngs))
-    self.final_norm = layers.RMSNorm(D, eps=config.normalization_layer_epsilon, dtype=dtype,
-                                     weight_dtype=weight_dtype, rngs=rngs, use_scale=config.use_norm_gains)
-    if not config.logits_via_embedding:
-      self.unembed = layers.param(rngs, init, (V, D), ("vocab", "embed"), role="readout", dtype=weight_dtype,
-                                  fan_in=D)
 
-  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None):
+  def run_layers(self, x_BLD, positions_BL, segment_ids_BL, layer_cache, key_segment_BS, record: bool):
     c = self.config
-    record = c.record_activations
-    x_BLD = constrain(self.embed(tokens_BL), BLD)
-    embed_size = layers.mean_abs(x_BLD) if record else None
-    key_segment_BS = None
-    if cache is not None:
-      key_segment_BS = layers.cache_write(cache["segment_ids"], segment_ids_BL, positions_BL)
     sources = [self.embed_source_norm(x_BLD) if self.embed_source_norm is not None else x_BLD]
     w = None
     previous = None  # the dense connection whose weights `w` are
@@ -115,48 +99,34 @@ class MUDDFormer(ModelFamily):
 
       # One remat unit per layer: the previous layer's mix, this block, this layer's weights. Its inputs
       # are the states kept for later layers anyway, so full remat saves no per-layer stream tensors.
-      def unit(state, sources, x_BLD, w, layer_cache):
+      def unit(state, sources, x_BLD, w, one_cache):
         previous, layer = nnx.merge(graphdef, state)
         streams = dict.fromkeys(mudd_dense.STREAMS, x_BLD)
         if previous is not None:
           streams.update(previous.mix(w, sources, x_BLD))
         stats = {} if record else None
-        x_BLD, layer_cache = layer(streams, positions_BL, segment_ids_BL, layer_cache, key_segment_BS, stats)
+        x_BLD, one_cache = layer(streams, positions_BL, segment_ids_BL, one_cache, key_segment_BS, stats)
         if layer.dense is None:
-          return x_BLD, None, None, layer_cache, stats
-        return x_BLD, layer.dense.source(x_BLD), layer.dense.weights(x_BLD), layer_cache, stats
+          return x_BLD, None, None, one_cache, stats
+        return x_BLD, layer.dense.source(x_BLD), layer.dense.weights(x_BLD), one_cache, stats
 
       unit = layers.remat(unit, c.remat_policy, prevent_cse=True)
-      layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-      x_BLD, source, w, layer_cache, stats = unit(state, sources, x_BLD, w, layer_cache)
+      one_cache = None if layer_cache is None else {"k": layer_cache["k"][i], "v": layer_cache["v"][i]}
+      x_BLD, source, w, one_cache, stats = unit(state, sources, x_BLD, w, one_cache)
       if layer.dense is not None:
         sources.append(source)
         dense_weights.append(w)
       previous = layer.dense
-      if cache is not None:
-        new_k.append(layer_cache["k"])
-        new_v.append(layer_cache["v"])
+      if layer_cache is not None:
+        new_k.append(one_cache["k"])
+        new_v.append(one_cache["v"])
       layer_stats.append(stats)
 
     if previous is not None:  # after the last layer only the residual stream is mixed
       x_BLD = previous.mix(w, sources, x_BLD)["r"]
-    logits_BLV = constrain(self.logits(self.final_norm(x_BLD)), BLV)
-    aux = {"dense_weights": tuple(dense_weights)}
-    if record:  # per-layer sites are [N] arrays (one entry per layer), as in transformer_pp
-      stacked = jax.tree.map(lambda *a: jnp.stack(a), *layer_stats)
-      aux["activations"] = {"embed": embed_size, **stacked, "logits": layers.mean_abs(logits_BLV)}
-    if cache is not None:
-      aux["cache"] = {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "segment_ids": key_segment_BS}
-    return logits_BLV, aux
-
-  def logits(self, x_BLD):
-    c = self.config
-    return layers.output_logits(x_BLD, self.embed, None if c.logits_via_embedding else self.unembed,
-                                parametrization.logits_multiplier(c))
-
-  def init_cache(self, batch: int, max_length: int):
-    """Keys and values per layer; the dense connections mix a position only with itself, so need no cache."""
-    return layers.kv_cache(self.config, batch, max_length)
+    new_cache = None if layer_cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+    stacked_stats = jax.tree.map(lambda *a: jnp.stack(a), *layer_stats) if record else None
+    return x_BLD, new_cache, stacked_stats, {"dense_weights": tuple(dense_weights)}
 
   @classmethod
   def validate(cls, config) -> None:
@@ -173,12 +143,12 @@ class MUDDFormer(ModelFamily):
   def flops_per_token(config) -> float:
     """6 x matmul parameters (blocks and weight generators) + 6 x the mixing multiply-adds + attention + unembedding."""
     D, N = config.base_emb_dim, config.base_num_decoder_layers
-    H, K, E = config.base_num_query_heads, config.base_num_kv_heads, config.head_dim
-    matmul = sum(D * H * E * 2 + D * K * E * 2 + D * F * len(config.mlp_activations) + F * D
+    attention_macs = decoder.attention_macs(D, config.base_num_query_heads, config.base_num_kv_heads,
+                                            config.head_dim)
+    matmul = sum(attention_macs + decoder.mlp_macs(D, F, len(config.mlp_activations))
                  for F in mudd_dense.mlp_widths(config))
     if config.mudd_dynamic:
       for i in range(N):
         C, M = len(mudd_dense.layer_groups(config, i)), mudd_dense.generator_width(config, i)
         matmul += (D * M + M * C * (i + 2)) if C else 0
-    attention = 6 * N * config.max_target_length * H * E
-    return 6 * matmul + 6 * mudd_dense.mixing_macs_per_token(config) + attention + 6 * D * config.vocab_size
+    return decoder.training_flops(config, matmul) + 6 * mudd_dense.mixing_macs_per_token(config)

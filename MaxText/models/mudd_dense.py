@@ -17,7 +17,7 @@ from flax import nnx
 
 from MaxText.models import layers
 from MaxText.models.layers import BLD
-from MaxText.pyconfig import ConfigError
+from MaxText.errors import ConfigError
 from MaxText.sharding import constrain
 
 STREAMS = "qkvr"  # query, key, value and residual inputs of a block

@@ -13,9 +13,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import parametrization
-from MaxText.models import ModelFamily, register
-from MaxText.models import layers
-from MaxText.models.layers import BLD, BLHE, BLKE, BLV
+from MaxText.models import attention, decoder, hf_llama, layers, register
+from MaxText.models.layers import BLD, BLHE, BLKE
 from MaxText.sharding import constrain
 
 
@@ -49,19 +48,10 @@ class Attention(nnx.Module):
     q_BLHE = constrain(layers.rope(q_BLHE, positions_BL, self.rope_max_timescale), BLHE)
     k_BLKE = constrain(layers.rope(k_BLKE, positions_BL, self.rope_max_timescale), BLKE)
     v_BLKE = constrain(v_BLKE, BLKE)
-    if cache is None:
-      k_BSKE, v_BSKE = k_BLKE, v_BLKE
-      mask_BLS = layers.attention_mask(segment_ids_BL, positions_BL, segment_ids_BL, positions_BL)
-    else:
-      cache = {"k": layers.cache_write(cache["k"], k_BLKE, positions_BL),
-               "v": layers.cache_write(cache["v"], v_BLKE, positions_BL)}
-      k_BSKE, v_BSKE = cache["k"], cache["v"]
-      key_positions_BS = layers.slot_positions(key_segment_BS)
-      mask_BLS = layers.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
-    out_BLHE = layers.dot_product_attention(
-        q_BLHE, k_BSKE, v_BSKE, mask_BLS, scale=self.scale, implementation=self.implementation)
-    out_BLD = jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt))
-    layers.record_attention_stats(stats, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask_BLS, self.scale)
+    out_BLD, cache = attention.self_attention(
+        q_BLHE, k_BLKE, v_BLKE, positions_BL, segment_ids_BL, cache, key_segment_BS, scale=self.scale,
+        implementation=self.implementation, stats=stats,
+        output=lambda out_BLHE: jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)))
     return checkpoint_name(out_BLD, "out_proj"), cache
 
 
@@ -88,64 +78,32 @@ class DecoderLayer(nnx.Module):
 
 
 @register("llama2")
-class TransformerPP(ModelFamily):
+class TransformerPP(decoder.Decoder):
   """Embedding -> N pre-norm decoder layers (scanned or unrolled) -> RMSNorm -> vocabulary logits."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype, weight_dtype = layers.dtypes(config)
-    D, V = config.base_emb_dim, config.vocab_size
-    init = layers.normal(config.init_weights_std)
-    self.embed = layers.Embed(V, D, init=init, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs)
-    self.layers = layers.make_stack(config.base_num_decoder_layers, lambda r: DecoderLayer(config, rngs=r), rngs)
-    self.final_norm = layers.RMSNorm(D, eps=config.normalization_layer_epsilon, dtype=dtype,
-                                     weight_dtype=weight_dtype, rngs=rngs, use_scale=config.use_norm_gains)
-    if not config.logits_via_embedding:
-      self.unembed = layers.param(rngs, init, (V, D), ("vocab", "embed"), role="readout", dtype=weight_dtype,
-                                  fan_in=D)
-
-  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None):
-    c = self.config
-    x_BLD = constrain(self.embed(tokens_BL), BLD)
-    embed_size = layers.mean_abs(x_BLD) if c.record_activations else None
-    key_segment_BS = None
-    layer_cache = None
-    if cache is not None:
-      key_segment_BS = layers.cache_write(cache["segment_ids"], segment_ids_BL, positions_BL)
-      layer_cache = {"k": cache["k"], "v": cache["v"]}
-
-    def call(layer, x_BLD, layer_cache):
-      if not c.record_activations:
-        return layer(x_BLD, positions_BL, segment_ids_BL, layer_cache, key_segment_BS)
-      stats = {}
-      x_BLD, layer_cache = layer(x_BLD, positions_BL, segment_ids_BL, layer_cache, key_segment_BS, stats)
-      return x_BLD, (layer_cache, stats)
-
-    x_BLD, outs = layers.run_stack(self.layers, call, x_BLD, layer_cache, scan=c.scan_layers,
-                                   remat_policy=c.remat_policy)
-    layer_cache, layer_stats = outs if c.record_activations else (outs, None)
-    logits_BLV = constrain(self.logits(self.final_norm(x_BLD)), BLV)
-    aux = {}
-    if c.record_activations:  # per-layer sites are [N] arrays (one entry per layer)
-      aux["activations"] = {"embed": embed_size, **layer_stats,
-                            "logits": layers.mean_abs(logits_BLV)}
-    if cache is not None:
-      aux["cache"] = {"k": layer_cache["k"], "v": layer_cache["v"], "segment_ids": key_segment_BS}
-    return logits_BLV, aux
-
-  def logits(self, x_BLD):
-    c = self.config
-    return layers.output_logits(x_BLD, self.embed, None if c.logits_via_embedding else self.unembed,
-                                parametrization.logits_multiplier(c))
-
-  def init_cache(self, batch: int, max_length: int):
-    return layers.kv_cache(self.config, batch, max_length)
+  Block = DecoderLayer
 
   @staticmethod
   def flops_per_token(config) -> float:
     """6 x matmul parameters (no embedding lookup) + causal attention 6*N*L*H*E + unembedding 6*D*V."""
-    D, N, F = config.base_emb_dim, config.base_num_decoder_layers, config.base_mlp_dim
-    H, K, E = config.base_num_query_heads, config.base_num_kv_heads, config.head_dim
-    per_layer = D * H * E * 2 + D * K * E * 2 + D * F * len(config.mlp_activations) + F * D
-    attention = 6 * N * config.max_target_length * H * E
-    return 6 * N * per_layer + attention + 6 * D * config.vocab_size
+    D, F = config.base_emb_dim, config.base_mlp_dim
+    per_layer = (decoder.attention_macs(D, config.base_num_query_heads, config.base_num_kv_heads, config.head_dim)
+                 + decoder.mlp_macs(D, F, len(config.mlp_activations)))
+    return decoder.training_flops(config, config.base_num_decoder_layers * per_layer)
+
+  # Hugging Face LlamaForCausalLM checkpoints: the mapping is models/hf_llama.py's.
+  @classmethod
+  def config_from_hf(cls, hf_config):
+    return hf_llama.config_from_hf(hf_config)
+
+  @classmethod
+  def hf_config(cls, config):
+    return hf_llama.hf_config(config)
+
+  @classmethod
+  def from_hf(cls, config, tensors):
+    return hf_llama.from_hf(config, tensors)
+
+  @classmethod
+  def to_hf(cls, config, params):
+    return hf_llama.to_hf(config, params)

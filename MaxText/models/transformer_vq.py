@@ -20,11 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from MaxText import parametrization
-from MaxText.models import ModelFamily, register
-from MaxText.models import layers
+from MaxText.errors import ConfigError
+from MaxText.models import ModelFamily, decoder, layers, register
 from MaxText.models import vq_attention as vqa
 from MaxText.models.layers import BLD, BLV
-from MaxText.pyconfig import ConfigError
 from MaxText.sharding import constrain
 
 BLF = ("activation_batch", "activation_length", "activation_mlp")
@@ -44,7 +43,9 @@ class GatedAttentionUnit(nnx.Module):
     D, E, F, Z, self.window = dims(config)
     self.dtype = jnp.dtype(config.dtype)
     weight_dtype = jnp.dtype(config.weight_dtype)
-    self.eps = config.normalization_layer_epsilon
+    # Norms without gains, on the input and on the query and key projections.
+    self.rms = layers.RMSNorm(D, eps=config.normalization_layer_epsilon, dtype=self.dtype, weight_dtype=weight_dtype,
+                              use_scale=False)
     self.wavelength = config.vq_pe_wavelength
     self.decay = config.vq_ema_decay
     self.accumulation = config.gradient_accumulation_steps
@@ -68,17 +69,13 @@ class GatedAttentionUnit(nnx.Module):
     self.codebook_count = layers.param(rngs, layers.constant(1.0), (Z,), ("vq_codes",), role="codebook",
                                        dtype=jnp.float32)
 
-  def _rms(self, x):
-    x = x.astype(jnp.float32)
-    return (x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
-
   def __call__(self, x_BTD, segment_ids_BT, *, block_len: int, ring: vqa.Ring | None = None):
     dt = self.dtype
     E = self.wq.shape[-1]
     tau = E**-0.25  # q.k = sqrt(d_k) cos(q, k): the reference's two factors tau^-1/2, tau = sqrt(d_k)
-    x_BTD = self._rms(x_BTD)
-    q_BTE = self._rms(jnp.einsum("btd,de->bte", x_BTD, self.wq[...].astype(dt))) * tau
-    k_BTE = self._rms(jnp.einsum("btd,de->bte", x_BTD, self.wk[...].astype(dt))) * tau
+    x_BTD = self.rms(x_BTD)
+    q_BTE = self.rms(jnp.einsum("btd,de->bte", x_BTD, self.wq[...].astype(dt))) * tau
+    k_BTE = self.rms(jnp.einsum("btd,de->bte", x_BTD, self.wk[...].astype(dt))) * tau
     v_BTF = constrain(jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, self.wv[...].astype(dt))), BLF)
     g_BTF = constrain(jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, self.wg[...].astype(dt))), BLF)
 
@@ -114,6 +111,10 @@ class TransformerVQ(ModelFamily):
     if not config.logits_via_embedding:
       self.unembed = layers.param(rngs, layers.normal(D**-0.5), (V, D), ("vocab", "embed"), role="readout",
                                   dtype=weight_dtype, fan_in=D)
+    self.final_norm = None
+    if config.vq_final_norm:  # no gain, as the reference
+      self.final_norm = nnx.data(layers.RMSNorm(D, eps=config.normalization_layer_epsilon, dtype=dtype,
+                                                weight_dtype=weight_dtype, use_scale=False))
 
   def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None):
     c = self.config
@@ -184,10 +185,8 @@ class TransformerVQ(ModelFamily):
 
   def logits(self, x_BLD):
     c = self.config
-    if c.vq_final_norm:
-      x32 = x_BLD.astype(jnp.float32)
-      x_BLD = (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-                                   + c.normalization_layer_epsilon)).astype(x_BLD.dtype)
+    if self.final_norm is not None:
+      x_BLD = self.final_norm(x_BLD)
     if c.vq_logits_scale != 1.0:
       x_BLD = x_BLD * jnp.asarray(c.vq_logits_scale, x_BLD.dtype)
     logits_BLV = layers.output_logits(x_BLD, self.embed, None if c.logits_via_embedding else self.unembed,
@@ -236,4 +235,4 @@ class TransformerVQ(ModelFamily):
     P = min(-(-W // L), R - 1)
     per_unit = 2 * D * E + 2 * D * F + F * D
     attention = (P * L + L / 2) * (2 * E + F) + Z * (3 * E + 2 * F)
-    return 6 * n * (per_unit + attention) + 6 * D * config.vocab_size
+    return 6 * n * (per_unit + attention) + decoder.unembed_flops(config)

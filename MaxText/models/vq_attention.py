@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from MaxText.models.layers import MASK_VALUE
+from MaxText.models.attention import MASK_VALUE
 from MaxText.sharding import constrain
 
 BXLF = ("activation_batch", None, None, "activation_mlp")

@@ -20,13 +20,13 @@ if __package__ in (None, ""):
 
 import jax  # noqa: E402
 
-from MaxText import models, pyconfig, train_state  # noqa: E402
+from MaxText import models, pyconfig, startup, train_state  # noqa: E402
 
 CONNECTION = ("w1", "w2", "bias", "generator_norm")
 
 
 def config_of(name: str):
-  return pyconfig.initialize([None, str(pyconfig.BASE_CONFIG), f"model_name={name}", "num_devices=1",
+  return startup.load_config([None, str(pyconfig.BASE_CONFIG), f"model_name={name}", "num_devices=1",
                               "per_device_batch_size=1"], env={})
 
 

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 
-from MaxText import pyconfig, train  # noqa: E402
+from MaxText import pyconfig, startup, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = ("Llama2Tiny", "MUDDLlama2Tiny")
@@ -40,7 +40,7 @@ def run_one(model: str, seed: int, args) -> dict:
     with open(done) as f:
       return json.load(f)
   shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
-  config = pyconfig.initialize(
+  config = startup.load_config(
       [None, str(pyconfig.BASE_CONFIG), f"model_name={model}", f"run_name={run_name}",
        f"base_output_directory={args.out}", f"steps={args.steps}", f"log_period={args.log_period}",
        f"eval_interval={args.steps}", f"eval_steps={args.eval_batches}", f"init_weights_seed={seed}",

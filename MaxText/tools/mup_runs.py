@@ -20,7 +20,7 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import input_pipeline, pyconfig, sharding, train, train_state, train_step  # noqa: E402
+from MaxText import input_pipeline, pyconfig, sharding, startup, train, train_state, train_step  # noqa: E402
 
 RESULTS_DIR = os.path.join("benchmarks", "results")
 ASSETS_DIR = "assets"
@@ -47,7 +47,7 @@ def ladder_config(width: int, parametrization: str, *args: str, **overrides) -> 
   values = dict(run_name=f"mup_{parametrization}_w{width}", parametrization=parametrization,
                 enable_checkpointing=False, enable_tensorboard=False, num_devices=1)
   values.update(overrides)
-  return pyconfig.initialize([None, str(pyconfig.BASE_CONFIG), *args], env={},
+  return startup.load_config([None, str(pyconfig.BASE_CONFIG), *args], env={},
                              model_name=f"MuTransformerW{width}", **values)
 
 

@@ -14,7 +14,8 @@ import sys
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from MaxText import parametrization, pyconfig, train_state  # noqa: E402
+from MaxText import parametrization, startup, train_state  # noqa: E402
+from MaxText.errors import ConfigError  # noqa: E402
 
 
 def render(config) -> str:
@@ -37,8 +38,8 @@ def render(config) -> str:
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   try:
-    config = pyconfig.initialize(argv, num_devices=1, per_device_batch_size=1.0)
-  except pyconfig.ConfigError as e:
+    config = startup.load_config(argv, num_devices=1, per_device_batch_size=1.0)
+  except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(render(config))

@@ -1,0 +1,130 @@
+"""Attention: the mask of packed documents, the registered kernels (`attention` key), the decode cache.
+
+A kernel is a function registered in IMPLEMENTATIONS:
+    kernel(q_BLHE, k_BSKE, v_BSKE, mask, *, scale, bias_BHLS=None) -> out_BLHE
+where `mask` is a `Mask` (segment ids and positions of queries and keys: `mask.dense()` is the [B, L, S]
+boolean a plain kernel needs, while fused kernels can read the segment ids themselves). Scores and
+softmax are float32; keys and values may have fewer heads (K) than queries (H).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from MaxText.models.layers import mean_abs
+from MaxText.registry import Registry
+
+# Large but finite, so that a fully masked row gives a uniform softmax rather than NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+IMPLEMENTATIONS = Registry("attention", "attention kernel")
+
+
+class Mask(NamedTuple):
+  """Who may attend to whom: the same document (segment id, 0 = padding or an empty cache slot) and not
+  a later position."""
+
+  q_segment_BL: jax.Array
+  q_position_BL: jax.Array
+  k_segment_BS: jax.Array
+  k_position_BS: jax.Array
+
+  def dense(self) -> jax.Array:
+    """[B, L, S] bool."""
+    return attention_mask(self.q_segment_BL, self.q_position_BL, self.k_segment_BS, self.k_position_BS)
+
+
+def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> jax.Array:
+  """[B, L, S] bool: same document (segment id) and not in the future (position order)."""
+  same_doc = q_segment_BL[:, :, None] == k_segment_BS[:, None, :]
+  causal = k_position_BS[:, None, :] <= q_position_BL[:, :, None]
+  return same_doc & causal
+
+
+@IMPLEMENTATIONS.register("autoselected")
+def autoselected(q_BLHE, k_BSKE, v_BSKE, mask: Mask, *, scale: float, bias_BHLS=None) -> jax.Array:
+  """jax.nn.dot_product_attention (XLA on CPU, cuDNN where it applies); with a bias, the plain kernel."""
+  if bias_BHLS is not None:
+    return dot_product(q_BLHE, k_BSKE, v_BSKE, mask, scale=scale, bias_BHLS=bias_BHLS)
+  return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask.dense()[:, None], scale=scale)
+
+
+@IMPLEMENTATIONS.register("dot_product")
+def dot_product(q_BLHE, k_BSKE, v_BSKE, mask: Mask, *, scale: float, bias_BHLS=None) -> jax.Array:
+  """The plain reference: grouped heads, float32 scores, masked softmax."""
+  B, L, H, E = q_BLHE.shape
+  K = k_BSKE.shape[2]
+  q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
+  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
+  if bias_BHLS is not None:
+    s_BKGLS = s_BKGLS + bias_BHLS.reshape(B, K, H // K, *bias_BHLS.shape[2:]).astype(jnp.float32)
+  s_BKGLS = jnp.where(mask.dense()[:, None, None], s_BKGLS, MASK_VALUE)
+  p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(v_BSKE.dtype)
+  out_BLKGE = jnp.einsum("bkgls,bske->blkge", p_BKGLS, v_BSKE)
+  return out_BLKGE.reshape(B, L, H, E)
+
+
+def cache_write(cache_BS: jax.Array, new_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+  """Write each row's new entries at their positions (a cache slot per position); out of range is dropped."""
+  rows_B1 = jnp.arange(cache_BS.shape[0])[:, None]
+  return cache_BS.at[rows_B1, positions_BL].set(new_BL.astype(cache_BS.dtype), mode="drop")
+
+
+def slot_positions(key_segment_BS: jax.Array) -> jax.Array:
+  """[B, S] positions of a KV cache's slots: slot s holds position s."""
+  return jnp.broadcast_to(jnp.arange(key_segment_BS.shape[1], dtype=jnp.int32), key_segment_BS.shape)
+
+
+def keys_and_mask(k_BLKE, v_BLKE, positions_BL, segment_ids_BL, cache, key_segment_BS):
+  """The keys and values attended to, and the mask: this chunk's own (training, no cache), or the cache's
+  slots with this chunk written in at its positions. Returns (k_BSKE, v_BSKE, mask, new cache or None)."""
+  if cache is None:
+    mask = Mask(segment_ids_BL, positions_BL, segment_ids_BL, positions_BL)
+    return k_BLKE, v_BLKE, mask, None
+  cache = {**cache, "k": cache_write(cache["k"], k_BLKE, positions_BL),
+           "v": cache_write(cache["v"], v_BLKE, positions_BL)}
+  mask = Mask(segment_ids_BL, positions_BL, key_segment_BS, slot_positions(key_segment_BS))
+  return cache["k"], cache["v"], mask, cache
+
+
+def attend(q_BLHE, k_BSKE, v_BSKE, mask: Mask, *, scale: float, implementation: str, bias_BHLS=None):
+  return IMPLEMENTATIONS.get(implementation)(q_BLHE, k_BSKE, v_BSKE, mask, scale=scale, bias_BHLS=bias_BHLS)
+
+
+def self_attention(q_BLHE, k_BLKE, v_BLKE, positions_BL, segment_ids_BL, cache, key_segment_BS, *, scale: float,
+                   implementation: str, output: Callable[[jax.Array], jax.Array], stats: dict | None = None,
+                   bias: Callable[[Mask], jax.Array] | None = None):
+  """The part of a decoder layer's attention after its projections: keys from this chunk or the cache,
+  the kernel, the output projection `output(out_BLHE) -> out_BLD`, the recorded sites. `bias(mask)` gives
+  an additive [B, H, L, S] score bias (e.g. ALiBi). Returns (out_BLD, the new cache or None)."""
+  k_BSKE, v_BSKE, mask, cache = keys_and_mask(k_BLKE, v_BLKE, positions_BL, segment_ids_BL, cache, key_segment_BS)
+  out_BLHE = attend(q_BLHE, k_BSKE, v_BSKE, mask, scale=scale, implementation=implementation,
+                    bias_BHLS=None if bias is None else bias(mask))
+  out_BLD = output(out_BLHE)
+  record_stats(stats, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask, scale)
+  return out_BLD, cache
+
+
+def record_stats(stats: dict | None, q_BLHE, k_BLKE, k_BSKE, out_BLD, mask: Mask, scale: float) -> None:
+  """The coordinate-check sites of an attention layer, when a `stats` dict is being recorded."""
+  if stats is not None:
+    stats.update(q=mean_abs(q_BLHE), k=mean_abs(k_BLKE), attn_out=mean_abs(out_BLD),
+                 attn_logits=logits_mean_abs(q_BLHE, k_BSKE, mask.dense(), scale))
+
+
+def logits_mean_abs(q_BLHE, k_BSKE, mask_BLS, scale: float) -> jax.Array:
+  """mean |scale * q.k| over the unmasked pairs; recomputed apart from the attention kernel, which hides them."""
+  B, L, H, E = q_BLHE.shape
+  K = k_BSKE.shape[2]
+  q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
+  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
+  return mean_abs(s_BKGLS, mask_BLS[:, None, None])
+
+
+def kv_cache(config, batch: int, max_length: int, *, head_dim: int | None = None) -> dict[str, jax.Array]:
+  """Empty keys and values of every layer, [layers, batch, max_length, kv_heads, head_dim]."""
+  shape = (config.base_num_decoder_layers, batch, max_length, config.base_num_kv_heads, head_dim or config.head_dim)
+  return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}

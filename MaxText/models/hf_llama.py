@@ -1,0 +1,134 @@
+"""Transformer++ <-> Hugging Face `LlamaForCausalLM`: config keys and tensor names.
+
+HF stores every projection as a torch Linear weight [out, in] and applies RoPE to the two halves of each
+head (rotate_half), the layout `layers.rope` uses, so the maps are transposes and reshapes only:
+  q_proj [H*E, D] <-> wq [D, H, E]      k_proj, v_proj [K*E, D] <-> wk, wv [D, K, E]
+  o_proj [D, H*E] <-> wo [H, E, D]      gate_proj, up_proj [F, D] = wi_0, wi_1      down_proj [D, F] = wo
+An HF setting this model cannot express is a one-line ConfigError naming the HF key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from MaxText.errors import ConfigError
+from MaxText.models import conversion
+from MaxText.models.conversion import Rule
+
+ARCHITECTURE = "LlamaForCausalLM"
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Our model keys for an HF Llama config.json."""
+
+  def unsupported(key, why):
+    return ConfigError(f"HF config key {key!r}={hf.get(key)!r} cannot be expressed by decoder_block llama2: {why}")
+
+  if hf.get("model_type", "llama") != "llama":
+    raise unsupported("model_type", "only Llama checkpoints convert to llama2")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise unsupported("hidden_act", "the MLP is SwiGLU (silu)")
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key, False):
+      raise unsupported(key, "Transformer++ has no biases")
+  if hf.get("rope_scaling"):
+    raise unsupported("rope_scaling", "no RoPE scaling is supported")
+  for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+    if key not in hf:
+      raise ConfigError(f"HF config has no {key!r}")
+  heads = int(hf["num_attention_heads"])
+  return {
+      "decoder_block": "llama2",
+      "base_emb_dim": int(hf["hidden_size"]),
+      "base_mlp_dim": int(hf["intermediate_size"]),
+      "base_num_decoder_layers": int(hf["num_hidden_layers"]),
+      "base_num_query_heads": heads,
+      "base_num_kv_heads": int(hf.get("num_key_value_heads") or heads),
+      "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // heads),
+      "vocab_size": int(hf["vocab_size"]),
+      "normalization_layer_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
+      "rope_max_timescale": _whole(hf.get("rope_theta", 10000.0), "rope_theta"),
+      "logits_via_embedding": bool(hf.get("tie_word_embeddings", False)),
+      "mlp_activations": ["silu", "linear"],
+  }
+
+
+def _whole(value, key: str) -> int:
+  if float(value) != int(float(value)):
+    raise ConfigError(f"HF config key {key!r}={value!r} must be a whole number here")
+  return int(float(value))
+
+
+def hf_config(config) -> dict[str, Any]:
+  """The HF config.json of a llama2 config; a setting HF Llama cannot express is a ConfigError."""
+
+  def unsupported(key, why):
+    return ConfigError(f"config key {key!r}={getattr(config, key)!r} has no Hugging Face Llama form: {why}")
+
+  if tuple(config.mlp_activations) != ("silu", "linear"):
+    raise unsupported("mlp_activations", "HF Llama's MLP is silu(gate) * up")
+  if config.parametrization != "sp" or config.output_logits_multiplier != 1.0:
+    raise unsupported("parametrization", "HF Llama has no attention or output multipliers")
+  if not config.use_norm_gains:
+    raise unsupported("use_norm_gains", "HF Llama's norms have gains")
+  return {
+      "architectures": [ARCHITECTURE],
+      "model_type": "llama",
+      "hidden_size": config.base_emb_dim,
+      "intermediate_size": config.base_mlp_dim,
+      "num_hidden_layers": config.base_num_decoder_layers,
+      "num_attention_heads": config.base_num_query_heads,
+      "num_key_value_heads": config.base_num_kv_heads,
+      "head_dim": config.head_dim,
+      "vocab_size": config.vocab_size,
+      "rms_norm_eps": config.normalization_layer_epsilon,
+      "rope_theta": float(config.rope_max_timescale),
+      "rope_scaling": None,
+      "tie_word_embeddings": config.logits_via_embedding,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "mlp_bias": False,
+      "max_position_embeddings": config.max_target_length,
+      "initializer_range": config.init_weights_std,
+      "torch_dtype": config.weight_dtype,
+  }
+
+
+def rules(config) -> list[Rule]:
+  D, H, K, E = config.base_emb_dim, config.base_num_query_heads, config.base_num_kv_heads, config.head_dim
+
+  def heads_in(n):  # [n*E, D] -> [D, n, E]
+    return lambda w: w.T.reshape(D, n, E)
+
+  def heads_out(n):  # [D, n, E] -> [n*E, D]
+    return lambda w: w.reshape(D, n * E).T
+
+  layer = "model.layers.{i}."
+  table = [
+      Rule("embed/embedding", "model.embed_tokens.weight"),
+      Rule("layers/pre_attention_norm/scale", layer + "input_layernorm.weight"),
+      Rule("layers/attention/wq", layer + "self_attn.q_proj.weight", heads_in(H), heads_out(H)),
+      Rule("layers/attention/wk", layer + "self_attn.k_proj.weight", heads_in(K), heads_out(K)),
+      Rule("layers/attention/wv", layer + "self_attn.v_proj.weight", heads_in(K), heads_out(K)),
+      Rule("layers/attention/wo", layer + "self_attn.o_proj.weight",
+           lambda w: w.T.reshape(H, E, D), lambda w: w.reshape(H * E, D).T),
+      Rule("layers/pre_mlp_norm/scale", layer + "post_attention_layernorm.weight"),
+      Rule("layers/mlp/wi_0", layer + "mlp.gate_proj.weight"),
+      Rule("layers/mlp/wi_1", layer + "mlp.up_proj.weight"),
+      Rule("layers/mlp/wo", layer + "mlp.down_proj.weight"),
+      Rule("final_norm/scale", "model.norm.weight"),
+  ]
+  if not config.logits_via_embedding:
+    table.append(Rule("unembed", "lm_head.weight"))
+  return table
+
+
+def from_hf(config, tensors: Mapping[str, Any]) -> dict:
+  return conversion.read(rules(config), tensors, config.base_num_decoder_layers)
+
+
+def to_hf(config, params) -> Iterator[tuple[str, np.ndarray]]:
+  hf_config(config)  # refuses what HF cannot express before any tensor is written
+  return conversion.write(rules(config), params, config.base_num_decoder_layers)

@@ -1,0 +1,42 @@
+"""The checks that need more than the config's own values: registered names, the family, the parametrization,
+the mesh. `startup.load_config` runs them after parsing; every entry point goes through it.
+
+Keys served by a registry (`decoder_block`, `dataset_type`, `tokenizer_type`, `opt_type`, ...) accept
+exactly the names registered in it, so a new family, source, tokenizer or optimizer needs no edit here.
+"""
+
+from __future__ import annotations
+
+from MaxText import models, optimizers, parametrization, pyconfig, sampling, sharding
+from MaxText.errors import ConfigError
+from MaxText.input_pipeline import sources, tokenizer
+from MaxText.models import attention, layers
+from MaxText.registry import Registry, registries
+
+# The modules that create the registries of config keys (importing them creates and fills them).
+REGISTRY_MODULES = (models, attention, layers, optimizers, sampling, sources, tokenizer)
+
+
+def _registered() -> dict[str, Registry]:
+  return {key: reg for key, reg in registries().items() if key in pyconfig.schema()}
+
+
+def choices() -> dict[str, list[str]]:
+  """Config key -> its registered names (for --help)."""
+  return {key: reg.names() for key, reg in _registered().items()}
+
+
+def validate(config) -> None:
+  """Raise a one-line ConfigError for the first problem found."""
+  for key, reg in _registered().items():
+    value = getattr(config, key)
+    for name in value if isinstance(value, tuple) else (value,):
+      reg.check(name)
+  parametrization.validate(config)
+  models.check_config(config, pyconfig.schema())
+  batch_ways = sharding.batch_shards(config)
+  for key in ("micro_batch_size", "eval_batch_size"):
+    if getattr(config, key) % batch_ways:
+      raise ConfigError(
+          f"{key}={getattr(config, key)} sequences do not split over the {batch_ways} batch shards of the mesh "
+          f"(rule 'activation_batch' of logical_axis_rules)")
