@@ -339,21 +339,57 @@ def test_synthetic_is_deterministic_learnable_and_sharded():
   assert sorted(parts[0] + parts[1]) == sorted(whole)  # as multisets: disjoint, and all of them
 
 
-def test_tfds_via_mock_data(tokenizer_path):
+def _build_tiny_tfds(data_dir):
+  """A TFDS dataset built on disk by its own builder, as a user would have it in their data_dir."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  config = make_config(dataset_type="tfds", tfds_name="lm1b", tokenizer_path=str(tokenizer_path), num_epochs=1)
-  with tfds.testing.mock_data(num_examples=12):
-    it = input_pipeline.create_iterator(config, "train")
-    batches = list(it)
+
+  class TinyMaxtextText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(12), "test": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"text": TEXTS[i % len(TEXTS)]}
+
+  TinyMaxtextText(data_dir=str(data_dir)).download_and_prepare()
+  return "tiny_maxtext_text"
+
+
+def test_tfds_reads_a_prepared_dataset_offline(tokenizer_path, tmp_path):
+  name = _build_tiny_tfds(tmp_path / "tfds")
+  tfds_keys = dict(dataset_type="tfds", tfds_name=name, tfds_data_dir=str(tmp_path / "tfds"),
+                   tokenizer_path=str(tokenizer_path), num_epochs=1)
+  for shuffle in ("global", "window"):
+    config = make_config(data_shuffle=shuffle, **tfds_keys)
+    batches = list(input_pipeline.create_iterator(config, "train"))
+    assert batches and all(b["inputs"].max() < Tokenizer(tokenizer_path).vocab_size for b in batches)
+    assert sum(int((b["inputs"] == 2).sum()) for b in batches) == 12  # one BOS per example
     ev = input_pipeline.create_iterator(config, "test")
     assert len(list(ev)) == ev.count_batches() >= 1
-    with pytest.raises(pyconfig.ConfigError, match="tfds_text_key"):
-      input_pipeline.create_iterator(make_config(dataset_type="tfds", tfds_name="lm1b", tfds_text_key="nope",
-                                                 tokenizer_path=str(tokenizer_path)), "train")
-  assert batches and all(b["inputs"].max() < Tokenizer(tokenizer_path).vocab_size for b in batches)
-  assert sum(int((b["inputs"] == 2).sum()) for b in batches) == 12  # one BOS per example
+  with pytest.raises(pyconfig.ConfigError, match="tfds_text_key"):
+    input_pipeline.create_iterator(make_config(**{**tfds_keys, "tfds_text_key": "nope"}), "train")
+  with pytest.raises(pyconfig.ConfigError, match=r"no such split; splits: test, train"):
+    input_pipeline.create_iterator(make_config(**tfds_keys), "validation")
   with pytest.raises(pyconfig.ConfigError, match="tokenizer_path"):
-    input_pipeline.get_tokenizer(make_config(dataset_type="tfds", tfds_name="lm1b"))
+    input_pipeline.get_tokenizer(make_config(dataset_type="tfds", tfds_name=name))
+
+
+def test_a_tfds_dataset_that_is_not_there_is_one_line_and_downloads_nothing(tmp_path):
+  """Before: a 69-line traceback (No module named 'importlib_resources') from TFDS's lm1b builder code."""
+  result = subprocess.run(
+      [sys.executable, "MaxText/train.py", BASE_CONFIG, "run_name=t", f"base_output_directory={tmp_path}",
+       "dataset_type=tfds", "tfds_name=lm1b", f"tfds_data_dir={tmp_path / 'none'}", "tokenizer_type=byte",
+       "vocab_size=260", "steps=1"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("M_")})
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "tfds_name='lm1b' is not prepared in tfds_data_dir=" in lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
 
 
 # --- Errors ---

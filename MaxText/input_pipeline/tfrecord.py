@@ -177,7 +177,7 @@ def detect_feature(files: Sequence[str]) -> str:
     try:
       raw = next(iter(tf.data.TFRecordDataset([path]).take(1).as_numpy_iterator()), None)
     except tf.errors.OpError as e:
-      raise DataError(f"{path}: unreadable TFRecord file ({_first_line(e.message)})") from None
+      raise DataError(f"{path}: unreadable TFRecord file ({tf_error_line(e.message)})") from None
     if raw is None:
       continue
     try:
@@ -192,7 +192,7 @@ def detect_feature(files: Sequence[str]) -> str:
   return TOKENS  # every file is empty: there is nothing to parse either way
 
 
-def _first_line(message: str) -> str:
+def tf_error_line(message: str) -> str:
   # TF wraps the reason in its own plumbing: "{{function_node ...}} corrupted record at 681 [Op:...]".
   text = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[Op:[^\]]*\].*$", "", (message or "").strip().splitlines()[0]
                 if (message or "").strip() else "", flags=re.S).strip()
@@ -224,7 +224,7 @@ def find_bad_file(files: Sequence[str], feature: str) -> tuple[str, str] | None:
       for _ in tf.data.TFRecordDataset([path]).batch(1024).map(parse):
         pass
     except tf.errors.OpError as e:
-      return path, _first_line(e.message)
+      return path, tf_error_line(e.message)
   return None
 
 
@@ -295,7 +295,7 @@ class TFRecordSource(Source):
         except StopIteration:
           break
         except tf.errors.OpError as e:
-          raise DataError(f"{path}: corrupt or unreadable TFRecord data ({_first_line(e.message)})") from None
+          raise DataError(f"{path}: corrupt or unreadable TFRecord data ({tf_error_line(e.message)})") from None
         yield (path, *(item if self.feature == TOKENS else tokenize_texts(self.tokenizer, item)))
 
   def _dataset(self, epoch: int, skip: int):
@@ -338,7 +338,7 @@ class TFRecordSource(Source):
         if bad:
           raise DataError(f"{bad[0]}: corrupt or unreadable TFRecord data ({bad[1]})") from None
         raise DataError(f"reading {len(self.local_files)} TFRecord files starting with {self.local_files[0]} "
-                        f"failed: {_first_line(e.message)}") from None
+                        f"failed: {tf_error_line(e.message)}") from None
       if self.feature == TOKENS:
         yield item
       else:
