@@ -229,12 +229,14 @@ def create_iterator(config, split: str, *, process_index: int = 0, process_count
     store = token_store.ensure(store_root(config), source.fingerprint(), source.labelled_chunks,
                                f"split {split!r} of {source.description}", progress=process_index == 0)
     store.check_vocab(config.vocab_size, split)
-    rows = Rows(store, config.max_target_length, packing=config.packing, bos_id=bos_id, eos_id=eos_id)
+    rows = Rows(store, config.max_target_length, packing=config.packing, bos_id=bos_id, eos_id=eos_id,
+                documents=source.document_range(store.num_documents))
     seed = config.data_shuffle_seed if train else None
     return GlobalIterator(
         rows, name=split, global_rows=total, process_index=process_index, process_count=process_count,
         epochs=epochs, shuffle_seed=seed,
-        fingerprint=f"{store.key}|{rows.L}|packing={rows.packing}|bos={bos_id}|eos={eos_id}|seed={seed}")
+        fingerprint=(f"{store.key}|{source.document_range(store.num_documents)}|{rows.L}|packing={rows.packing}"
+                     f"|bos={bos_id}|eos={eos_id}|seed={seed}"))
   source = source_class.open(config, split, location=location, train=train, tokenizer=tokenizer,
                              process_index=process_index, process_count=process_count)
   return DataIterator(

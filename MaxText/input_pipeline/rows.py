@@ -19,24 +19,34 @@ from MaxText.input_pipeline.token_store import TokenStore
 class Rows:
   """Row numbers -> batch fields of one split (see the module docstring)."""
 
-  def __init__(self, store: TokenStore, length: int, *, packing: bool, bos_id: int | None, eos_id: int | None):
+  def __init__(self, store: TokenStore, length: int, *, packing: bool, bos_id: int | None, eos_id: int | None,
+               documents: tuple[int, int] | None = None):
     self.store, self.L, self.packing = store, length, packing
     self.bos_id, self.eos_id = bos_id, eos_id
+    # The store's documents [first, end) are this split's (a held-out evaluation split is a tail).
+    self._first, end = documents if documents is not None else (0, store.num_documents)
+    self.num_documents = end - self._first
+    self._base = int(store.offsets[self._first])
+    self.num_tokens = int(store.offsets[end]) - self._base
     self.extra = (bos_id is not None) + (eos_id is not None)
-    self.total = store.num_tokens + self.extra * store.num_documents  # tokens of the stream with BOS/EOS
+    self.total = self.num_tokens + self.extra * self.num_documents  # tokens of the stream with BOS/EOS
     if packing:
       self.count = -(-(self.total - 1) // length) if self.total >= 2 else 0
     else:
-      self.count = store.num_documents
+      self.count = self.num_documents
+
+  def _offset(self, d_N: np.ndarray) -> np.ndarray:
+    """Where document d of the split starts in the store's token array."""
+    return np.asarray(self.store.offsets[self._first + d_N], np.int64)
 
   def _aug_start(self, d_N: np.ndarray) -> np.ndarray:
-    """Where document d starts in the stream with BOS/EOS added."""
-    return np.asarray(self.store.offsets[d_N], np.int64) + self.extra * d_N
+    """Where document d starts in the split's stream with BOS/EOS added."""
+    return self._offset(d_N) - self._base + self.extra * d_N
 
   def _document_at(self, p_N: np.ndarray) -> np.ndarray:
     """The document holding stream position p: a vectorised binary search (the offsets stay on disk)."""
     lo = np.zeros(p_N.shape, np.int64)
-    hi = np.full(p_N.shape, self.store.num_documents, np.int64)  # invariant: aug_start(lo) <= p < aug_start(hi)
+    hi = np.full(p_N.shape, self.num_documents, np.int64)  # invariant: aug_start(lo) <= p < aug_start(hi)
     while True:
       open_N = hi - lo > 1
       if not open_N.any():
@@ -48,7 +58,7 @@ class Rows:
 
   def _tokens(self, d_RK: np.ndarray, within_RK: np.ndarray, aug_len_RK: np.ndarray) -> np.ndarray:
     bos = self.bos_id is not None
-    raw = np.asarray(self.store.offsets[d_RK], np.int64) + within_RK - bos
+    raw = self._offset(d_RK) + within_RK - bos
     raw = np.clip(raw, 0, max(self.store.num_tokens - 1, 0))
     tokens_RK = (np.asarray(self.store.tokens[raw], np.int64) if self.store.num_tokens
                  else np.zeros(raw.shape, np.int64))
@@ -62,7 +72,6 @@ class Rows:
     """The batch fields ([R, L] int32 each) of rows `row_R`, in that order."""
     row_R = np.asarray(row_R, np.int64)
     k_K = np.arange(self.L + 1)
-    offsets = self.store.offsets
     if self.packing:
       p_RK = row_R[:, None] * self.L + k_K[None, :]
       valid_RK = p_RK < self.total
@@ -73,7 +82,7 @@ class Rows:
       if span:
         j_J = np.arange(1, span + 1)
         later_RJ = j_J[None, :] <= (last_R - first_R)[:, None]
-        d_RJ = np.minimum(first_R[:, None] + j_J[None, :], self.store.num_documents - 1)
+        d_RJ = np.minimum(first_R[:, None] + j_J[None, :], self.num_documents - 1)
         rel_RJ = self._aug_start(d_RJ) - p_RK[:, :1]
         r_RJ = np.broadcast_to(np.arange(len(row_R))[:, None], rel_RJ.shape)
         marks = np.bincount((r_RJ * (self.L + 1) + rel_RJ)[later_RJ], minlength=len(row_R) * (self.L + 1))
@@ -84,7 +93,7 @@ class Rows:
     else:
       d_RK = np.broadcast_to(row_R[:, None], (len(row_R), self.L + 1))
       within_RK = np.broadcast_to(k_K[None, :], d_RK.shape)
-    aug_len_RK = np.asarray(offsets[d_RK + 1] - offsets[d_RK], np.int64) + self.extra
+    aug_len_RK = self._offset(d_RK + 1) - self._offset(d_RK) + self.extra
     if not self.packing:
       valid_RK = (within_RK < aug_len_RK) & (aug_len_RK >= 2)
     tokens_RK = self._tokens(d_RK, within_RK, aug_len_RK)

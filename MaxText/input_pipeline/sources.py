@@ -83,5 +83,10 @@ class Source:
   def labelled_chunks(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     raise NotImplementedError
 
+  def document_range(self, num_documents: int) -> tuple[int, int]:
+    """The documents [first, end) of the store that are this split (all of them unless a source holds some
+    out, e.g. a Hugging Face dataset without an evaluation split)."""
+    return 0, num_documents
+
   def epoch_chunks(self, epoch: int, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     raise NotImplementedError
