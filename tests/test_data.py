@@ -408,7 +408,8 @@ def test_config_errors_name_the_culprit(token_dataset, tmp_path, tokenizer_path)
     input_pipeline.get_tokenizer(small)
   with pytest.raises(pyconfig.ConfigError, match="no tokenizer"):
     input_pipeline.get_tokenizer(make_config(dataset_path=str(token_dataset)))
-  with pytest.raises(input_pipeline.DataError, match=r"validation-00000-of-00001.tfrecord holds token id \d+ but vocab_size=50"):
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"validation-00000-of-00001.tfrecord holds token id \d+ but vocab_size=50"):
     input_pipeline.create_iterator(make_config(dataset_path=str(token_dataset), vocab_size=50), "validation")
   it = input_pipeline.create_iterator(make_config(dataset_path=str(token_dataset), vocab_size=50,
                                                   data_shuffle="window"), "validation")

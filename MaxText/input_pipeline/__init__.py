@@ -31,7 +31,8 @@ from MaxText.input_pipeline.rows import Rows
 from MaxText.input_pipeline.sources import SOURCES, Location, Source
 from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, TOKENIZERS, ByteTokenizer, Tokenizer
 
-__all__ = ["ByteTokenizer", "DataError", "DataIterator", "GlobalIterator", "Location", "SOURCES", "Source", "TOKENIZERS", "Tokenizer",
+__all__ = ["ByteTokenizer", "DataError", "DataIterator", "GlobalIterator", "Location", "SOURCES", "Source",
+           "TOKENIZERS", "Tokenizer",
            "create_iterator", "get_tokenizer", "resolve_dataset", "token_byte_lengths"]
 
 _STATE_VERSION = 1

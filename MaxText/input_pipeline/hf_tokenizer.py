@@ -65,7 +65,8 @@ def _load_backend(path: Path):
   try:
     import transformers  # noqa: PLC0415
   except ImportError:
-    raise ValueError(f"{str(path)!r} has no tokenizer.json (converting other tokenizer files needs transformers)") from None
+    raise ValueError(f"{str(path)!r} has no tokenizer.json (converting other tokenizer files needs "
+                     f"transformers)") from None
   try:
     fast = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
   except Exception as e:  # noqa: BLE001 (transformers raises many kinds for a folder it cannot read)

@@ -2,14 +2,14 @@
 (hf_tokenizer.py); training a whitespace-preserving SentencePiece model for source code.
 
 A tokenizer is registered as a loader, `load(path) -> tokenizer` (None when it needs a file and `path` is
-""), where a tokenizer has `encode(text)`,
-`encode_batch(texts)`, `decode(ids)`, `id_to_piece(i)`, `byte_lengths()` (bytes of text per id, for bits
-per byte), `vocab_size`, `pad_id`, `bos_id` and `eos_id` (None: the tokenizer has none, none is added),
-and `fingerprint` (changes with the vocabulary: part of a token store's name); `encode` adds no BOS/EOS
-(the input pipeline adds them per document). A loader's `default_file` attribute names the file looked
-for next to the data when `tokenizer_path` is empty. Every model this project trains uses the ids pad=0, unk=1, bos=2, eos=3; the
-pipeline pads with 0 and masks padding through segment ids, so a foreign model only needs its own bos/eos,
-which are read from it.
+""), where a tokenizer has `encode(text)`, `encode_batch(texts)`, `decode(ids)`, `id_to_piece(i)`,
+`byte_lengths()` (bytes of text per id, for bits per byte), `vocab_size`, `pad_id`, `bos_id` and `eos_id`
+(None: the tokenizer has none, and none is added), and `fingerprint` (changes with the vocabulary: part
+of a token store's name); `encode` adds no BOS/EOS (the input pipeline adds them per document). A
+loader's `default_file` attribute names the file looked for next to the data when `tokenizer_path` is
+empty. Every model this project trains uses the ids pad=0, unk=1, bos=2, eos=3; the pipeline pads with 0
+and masks padding through segment ids, so a foreign model only needs its own bos/eos, which are read
+from it.
 """
 
 from __future__ import annotations
