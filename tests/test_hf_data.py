@@ -134,6 +134,23 @@ def test_each_kind_of_hf_path_reads_its_documents_in_order(tmp_path, make_config
     input_pipeline.create_iterator(make_config(**hf_keys(bpe, "someone/tiny", hf_name="fr")), "train")
 
 
+def test_c4_style_compressed_files_find_their_splits_by_name(tmp_path, make_config):
+  import gzip  # noqa: PLC0415
+
+  folder = tmp_path / "c4" / "en"
+  folder.mkdir(parents=True)
+  for name, texts in (("c4-train.00000-of-00002", TEXTS[:5]), ("c4-train.00001-of-00002", TEXTS[5:9]),
+                      ("c4-validation.00000-of-00001", TEXTS[9:11])):
+    with gzip.open(folder / f"{name}.json.gz", "wt") as f:
+      for t in texts:
+        f.write(json.dumps({"text": t, "url": "x"}) + "\n")
+  keys = dict(dataset_type="hf", hf_path=str(tmp_path / "c4" / "en"), tokenizer_type="byte", vocab_size=260,
+              packing=False, max_target_length=256, num_epochs=1, per_device_batch_size=4.0)
+  byte = input_pipeline.ByteTokenizer()
+  assert decoded_docs(input_pipeline.create_iterator(make_config(**keys), "validation"), byte) == TEXTS[9:11]
+  assert sorted(decoded_docs(input_pipeline.create_iterator(make_config(**keys), "train"), byte)) == sorted(TEXTS[:9])
+
+
 def test_text_files_are_cut_into_documents_at_blank_lines(tmp_path, make_config):
   (tmp_path / "train.txt").write_text("first para\nline two\n\nsecond para\n\n\nthird\n")
   config = make_config(dataset_type="hf", hf_path=str(tmp_path / "train.txt"), tokenizer_type="byte", vocab_size=260,

@@ -3,9 +3,10 @@
 `hf_path` is, in this order of checks:
 - a folder written by `save_to_disk` (a Dataset or a DatasetDict): read memory-mapped, as saved;
 - local data files: a folder (searched recursively), a glob or a comma-separated list of .json/.jsonl,
-  .parquet, .csv/.tsv, .txt or .arrow files. A file belongs to split S when its name (or a folder on
-  its path below hf_path) starts with S ("validation-0001.jsonl", "test/part-1.parquet"); files named
-  after no configured split are training files. A .txt file is cut into documents at blank lines;
+  .parquet, .csv/.tsv, .txt or .arrow files (compressed too: .json.gz). A file belongs to split S when S
+  is a word of its path below hf_path ("validation-0001.jsonl", "test/part-1.parquet",
+  "c4-train.00000-of-01024.json.gz"); files named after no configured split are training files. A .txt
+  file is cut into documents at blank lines;
 - otherwise a dataset name (`allenai/c4`, with `hf_name` its configuration) that a previous online
   `datasets.load_dataset` left in the local Hugging Face cache (HF_HOME / HF_DATASETS_CACHE).
 Nothing is downloaded: the library runs in offline mode, and a name that is not cached is a one-line
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +36,7 @@ from MaxText.input_pipeline.tokenizer import default_file as tokenizer_file
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv",
              ".txt": "text", ".text": "text", ".arrow": "arrow"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _BATCH_DOCS = 256
 HOLDOUT_FRACTION = 0.01
 
@@ -73,7 +76,7 @@ def _data_files(spec: str) -> list[tuple[str, str]] | None:
       for root, dirs, names in os.walk(entry):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-          if Path(name).suffix.lower() in _BUILDERS and not name.startswith("."):
+          if _suffix(name) in _BUILDERS and not name.startswith("."):
             path = os.path.join(root, name)
             found.append((path, os.path.relpath(path, entry)))
     elif globlib.has_magic(entry) or os.path.isfile(entry):
@@ -84,11 +87,17 @@ def _data_files(spec: str) -> list[tuple[str, str]] | None:
 
 
 def _named_after(relative: str, split: str) -> bool:
-  """Whether a file's relative path starts a part with `split` ("validation-00001.jsonl", "test/a.csv")."""
-  for part in Path(relative).parts:
-    if part.startswith(split) and (len(part) == len(split) or not part[len(split)].isalnum()):
-      return True
-  return False
+  """Whether `split` is a word of a file's path below hf_path: "validation-00001.jsonl", "test/a.csv",
+  "c4-train.00000-of-01024.json.gz" (but not "trainer.jsonl" or "latest.csv")."""
+  return re.search(rf"(^|[^A-Za-z]){re.escape(split)}([^A-Za-z]|$)", relative) is not None
+
+
+def _suffix(path: str) -> str:
+  """The data kind's extension, under a compression one: "a.json.gz" -> ".json"."""
+  suffixes = [s.lower() for s in Path(path).suffixes]
+  while suffixes and suffixes[-1] in _COMPRESSED:
+    suffixes.pop()
+  return suffixes[-1] if suffixes else ""
 
 
 def split_files(files: list[tuple[str, str]], split: str, train_split: str, split_names: set[str]) -> list[str]:
@@ -100,7 +109,11 @@ def split_files(files: list[tuple[str, str]], split: str, train_split: str, spli
 
 
 def _builder(files: list[str], where: str) -> str:
-  kinds = {_BUILDERS[Path(f).suffix.lower()] for f in files}
+  unknown = [f for f in files if _suffix(f) not in _BUILDERS]
+  if unknown:
+    raise ConfigError(f"{where}: {unknown[0]} is no data file kind the hf source reads "
+                      f"({', '.join(sorted(_BUILDERS))})")
+  kinds = {_BUILDERS[_suffix(f)] for f in files}
   if len(kinds) > 1:
     raise ConfigError(f"{where} mixes file kinds ({', '.join(sorted(kinds))}); keep one kind per dataset")
   return kinds.pop()

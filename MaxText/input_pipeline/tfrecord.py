@@ -281,22 +281,26 @@ class TFRecordSource(Source):
     return f"{len(self.files)} TFRecord files starting with {self.files[0]}"
 
   def labelled_chunks(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Every document, file by file in order, labelled with its file."""
+    """Every document, file by file in order, labelled with its file (one pipeline: parsing is traced once)."""
     tf = import_tf()
+    parse = _parser(self.feature)
+    ds = tf.data.Dataset.from_tensor_slices(self.files).flat_map(
+        lambda path: tf.data.TFRecordDataset(path).batch(_CHUNK_DOCS).map(lambda docs: (path, parse(docs))))
     options = tf.data.Options()
     options.deterministic = True
-    for path in self.files:
-      ds = tf.data.TFRecordDataset([path]).batch(_CHUNK_DOCS).map(
-          _parser(self.feature), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-      it = ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
-      while True:
-        try:
-          item = next(it)
-        except StopIteration:
-          break
-        except tf.errors.OpError as e:
-          raise DataError(f"{path}: corrupt or unreadable TFRecord data ({tf_error_line(e.message)})") from None
-        yield (path, *(item if self.feature == TOKENS else tokenize_texts(self.tokenizer, item)))
+    it = ds.prefetch(2).with_options(options).as_numpy_iterator()
+    while True:
+      try:
+        path, item = next(it)
+      except StopIteration:
+        return
+      except tf.errors.OpError as e:
+        bad = find_bad_file(self.files, self.feature)
+        where = f"{bad[0]}: corrupt or unreadable TFRecord data ({bad[1]})" if bad else \
+            f"reading {self.description} failed: {tf_error_line(e.message)}"
+        raise DataError(where) from None
+      path = path.decode("utf-8")
+      yield (path, *(item if self.feature == TOKENS else tokenize_texts(self.tokenizer, item)))
 
   def _dataset(self, epoch: int, skip: int):
     tf = import_tf()
