@@ -60,11 +60,12 @@ class AnonPeak:
     self.peak = max(self.peak, status_kib("RssAnon"))
 
 
-def config_for(source: dict, work: Path, *, batch: int, length: int, shuffle: str = "global"):
+def config_for(source: dict, work: Path, *, batch: int, length: int, shuffle: str = "global",
+               stores: str = "cache"):
   from MaxText import pyconfig, startup  # noqa: PLC0415
 
   return startup.load_config([None, str(pyconfig.BASE_CONFIG)], env={}, num_devices=1, per_device_batch_size=batch,
-                             max_target_length=length, data_shuffle=shuffle, dataset_cache_dir=str(work / "cache"),
+                             max_target_length=length, data_shuffle=shuffle, dataset_cache_dir=str(work / stores),
                              **source)
 
 
@@ -127,7 +128,7 @@ def memory_child(source_json: str, work: str, phase: str) -> dict:
   if phase == "index":
     stores = work_dir / "memory_stores"
     shutil.rmtree(stores, ignore_errors=True)
-    config = config_for({**source, "dataset_cache_dir": str(stores)}, work_dir, batch=8, length=256)
+    config = config_for(source, work_dir, batch=8, length=256, stores="memory_stores")
     with AnonPeak() as indexing:
       data = input_pipeline.create_iterator(config, config.train_split)
     return {"baseline_mib": base / 1024, "peak_mib": indexing.peak / 1024}
@@ -162,12 +163,26 @@ def table(header, rows) -> str:
   return "\n".join(lines)
 
 
+def print_memory(memory: list[dict]):
+  if not memory:
+    return
+  print()
+  print(table(("corpus", "tokens", "store MiB", "indexing: before / peak MiB", "reading: opened / peak MiB",
+               "mapped store pages MiB"),
+              [(m["corpus"], f"{m['read']['tokens']:,}", f"{m['read']['store_mib']:.0f}",
+                f"{m['index']['baseline_mib']:.0f} / {m['index']['peak_mib']:.0f}",
+                f"{m['read']['opened_mib']:.0f} / {m['read']['peak_mib']:.0f}",
+                f"{m['read']['file_pages_mib']:.0f}") for m in memory]))
+  print("(anonymous memory: the process's own; mapped store pages are page cache, shared and evictable)")
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--work_dir", default="/tmp/maxtext-input-bench")
   parser.add_argument("--seconds", type=float, default=5.0)
   parser.add_argument("--trainer_steps", type=int, default=5)
   parser.add_argument("--skip_memory", action="store_true")
+  parser.add_argument("--skip_rates", action="store_true", help="only the memory table (keeps the rates in the JSON)")
   parser.add_argument("--memory_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--phase", default="read", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -179,6 +194,14 @@ def main() -> int:
   import train_throughput  # noqa: PLC0415 (benchmarks/train_throughput.py)
 
   sources = prepare_sources(work)
+  if args.skip_rates:
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    memory = measure_memory(sources, work)
+    print_memory(memory)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({**previous, "memory": memory}, indent=2))
+    print(f"wrote {RESULTS}")
+    return 0
   trainer = train_throughput.measure("Llama2Small", args.trainer_steps, [])
   rows = []
   for name, shuffle in (("tfrecord", "global"), ("hf", "global"), ("tfrecord", "window")):
@@ -192,22 +215,16 @@ def main() -> int:
   print(table(("source", "shuffle", "batch x length", "first batch s", "tokens/s", "pipeline / trainer"),
               [(r["source"], r["shuffle"], f"{r['batch']} x {r['length']}", f"{r['first_batch_s']:.1f}",
                 f"{r['tokens_per_s']:,.0f}", f"{r['over_trainer']:,.0f}x") for r in rows]))
-  memory = [] if args.skip_memory else measure_memory(sources, work)
-  if memory:
-    print()
-    print(table(("corpus", "tokens", "store MiB", "indexing: before / peak MiB", "reading: opened / peak MiB",
-                 "mapped store pages MiB"),
-                [(m["corpus"], f"{m['read']['tokens']:,}", f"{m['read']['store_mib']:.0f}",
-                  f"{m['index']['baseline_mib']:.0f} / {m['index']['peak_mib']:.0f}",
-                  f"{m['read']['opened_mib']:.0f} / {m['read']['peak_mib']:.0f}",
-                  f"{m['read']['file_pages_mib']:.0f}") for m in memory]))
-    print("(anonymous memory: the process's own; mapped store pages are page cache, shared and evictable)")
-  print(f"\n{os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.2f}")
+  results = {"trainer": {k: trainer[k] for k in ("model", "batch", "length", "step_s", "tokens_per_s")},
+             "rates": rows, "memory": [], "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                                     "load_average": os.getloadavg()[0]}}
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  RESULTS.write_text(json.dumps({
-      "trainer": {k: trainer[k] for k in ("model", "batch", "length", "step_s", "tokens_per_s")}, "rates": rows,
-      "memory": memory, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                    "load_average": os.getloadavg()[0]}}, indent=2))
+  RESULTS.write_text(json.dumps(results, indent=2))
+  if not args.skip_memory:
+    results["memory"] = measure_memory(sources, work)
+    print_memory(results["memory"])
+    RESULTS.write_text(json.dumps(results, indent=2))
+  print(f"\n{os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.2f}")
   print(f"wrote {RESULTS}")
   return 0
 
