@@ -191,7 +191,8 @@ def decode_prompt(config) -> dict[str, Any]:
   from MaxText import input_pipeline, sharding, train_state  # noqa: PLC0415
 
   tokenizer = input_pipeline.get_tokenizer(config)
-  ids = ([tokenizer.bos_id] if config.add_bos else []) + tokenizer.encode(config.prompt)
+  bos = [tokenizer.bos_id] if config.add_bos and tokenizer.bos_id is not None else []  # T5's tokenizer has none
+  ids = bos + tokenizer.encode(config.prompt)
   mesh = sharding.make_mesh(config)
   spec = train_state.model_spec(config)
   with sharding.use_mesh(mesh, config.logical_axis_rules):

@@ -1,6 +1,7 @@
-"""Text files -> SentencePiece tokenizer + TFRecord shards of pre-tokenized documents.
+"""Text files -> tokenizer + TFRecord shards of pre-tokenized documents.
 
   python MaxText/prepare_data.py --input ~/src/project --output_dir data/project [--vocab_size 8192]
+  python MaxText/prepare_data.py --input books/ --output_dir data/books --tokenizer hf [--tokenizer_path t5/]
 
 Every file is one document. Files go to train / validation / test by a hash of their path relative to
 the input, so adding files never moves the others. With fewer than 3 files there would be too few
@@ -8,6 +9,10 @@ documents to split, so each file is cut into documents at blank lines once a pie
 characters (at a line break after 8000 characters when there is no blank line). The output folder
 holds tokenizer.model, {split}-{i:05d}-of-{n:05d}.tfrecord (feature `tokens`, no BOS/EOS; the loader
 adds them) and dataset_info.json; it is written to a temporary folder and renamed at the end.
+
+`--tokenizer hf` trains a byte-level BPE with the `tokenizers` library instead (tokenizer.json; train with
+tokenizer_type=hf), or with `--tokenizer_path` tokenizes with an existing Hugging Face tokenizer (a
+tokenizer.json or a folder saved by `save_pretrained`), whose files are copied next to the shards.
 
 Byte-level data (enwik8-style: one long stream, losses in bits per byte; train with tokenizer_type=byte):
   python MaxText/prepare_data.py --input enwik8 --output_dir data/enwik8 --tokenizer byte --contiguous \
@@ -38,6 +43,7 @@ from tqdm import tqdm  # noqa: E402
 
 from MaxText.errors import DataError, PrepareError  # noqa: E402
 from MaxText.input_pipeline import tfrecord  # noqa: E402
+from MaxText.input_pipeline.hf_tokenizer import HFTokenizer, train_bpe  # noqa: E402
 from MaxText.input_pipeline.tokenizer import ByteTokenizer, Tokenizer, train_sentencepiece  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -45,7 +51,9 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
                       ".go", ".rs", ".sh", ".json", ".yaml", ".yml", ".toml", ".html", ".css", ".tex")
 INFO_FILE = "dataset_info.json"
-TOKENIZERS = ("sentencepiece", "byte")
+TOKENIZERS = ("sentencepiece", "byte", "hf")
+_HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
 _DOC_TARGET_CHARS, _DOC_LIMIT_CHARS = 2000, 8000
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _ENCODE_BATCH_CHARS = 4 << 20
@@ -200,17 +208,39 @@ def _documents(files, validation_fraction: float, test_fraction: float, contiguo
   return documents, assign_splits(list(documents), validation_fraction, test_fraction)
 
 
-def _train_tokenizer(files, documents, splits, model_path: Path, vocab_size: int) -> Tokenizer:
-  """A SentencePiece model trained on the training split (all documents if it is empty)."""
+def _train_tokenizer(files, documents, splits, model_path: Path, vocab_size: int, kind: str = "sentencepiece"):
+  """A SentencePiece model (or with kind="hf" a byte-level BPE) trained on the training split (all
+  documents if it is empty)."""
   train_keys = splits["train"] or list(documents)
   if documents[train_keys[0]][1] is None:  # whole files
     source = [documents[k][0] for k in train_keys]
   else:
     source = iter([documents[k][1] for k in train_keys])
   try:
+    if kind == "hf":
+      texts = (t for t in (_read_text(p) for p in source) if t) if isinstance(source, list) else source
+      return train_bpe(texts, model_path.with_name("tokenizer.json"), vocab_size)
     return train_sentencepiece(source, model_path, vocab_size)
   except ValueError as e:
     raise PrepareError(str(e)) from None
+
+
+def _copy_hf_tokenizer(tokenizer_path: str, folder: Path) -> HFTokenizer:
+  """An existing Hugging Face tokenizer, checked by loading it, with its files copied into `folder`."""
+  try:
+    tokenizer = HFTokenizer(tokenizer_path)
+  except ValueError as e:
+    raise PrepareError(f"--tokenizer_path: {e}") from None
+  source = Path(tokenizer_path).expanduser()
+  if source.is_dir():
+    for name in _HF_FILES:
+      if (source / name).is_file():
+        shutil.copyfile(source / name, folder / name)
+  else:
+    shutil.copyfile(source, folder / "tokenizer.json")
+  if not (folder / "tokenizer.json").is_file():  # converted from a slow tokenizer: write what was loaded
+    tokenizer._tok.save(str(folder / "tokenizer.json"))
+  return HFTokenizer(folder)
 
 
 def _check_args(validation_fraction, test_fraction, tokenizer, document_chars):
@@ -233,7 +263,8 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
     raise PrepareError(f"--num_shards must be at least 1, got {num_shards}")
   if tokenizer_path and tokenizer == "byte":
     raise PrepareError("--tokenizer_path is a SentencePiece model; --tokenizer byte needs none")
-  if tokenizer_path and not os.path.isfile(os.path.expanduser(tokenizer_path)):
+  if tokenizer_path and not (os.path.isfile(os.path.expanduser(tokenizer_path)) or
+                             (tokenizer == "hf" and os.path.isdir(os.path.expanduser(tokenizer_path)))):
     raise PrepareError(f"--tokenizer_path {tokenizer_path!r} is not a file")
   files = find_input_files(input, extensions, exclude_dirs)
   if not files:
@@ -245,6 +276,8 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
     model_path = tmp / "tokenizer.model"
     if tokenizer == "byte":
       encoder = ByteTokenizer()
+    elif tokenizer == "hf" and tokenizer_path:
+      encoder = _copy_hf_tokenizer(tokenizer_path, tmp)
     elif tokenizer_path:
       shutil.copyfile(os.path.expanduser(tokenizer_path), model_path)
       try:
@@ -253,12 +286,14 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
         raise PrepareError(f"--tokenizer_path: {e}") from None
     else:
       if progress:
-        print(f"training a SentencePiece tokenizer ({vocab_size} pieces) on {len(splits['train'] or documents)} "
-              f"documents", file=sys.stderr, flush=True)
-      encoder = _train_tokenizer(files, documents, splits, model_path, vocab_size)
+        what = "a byte-level BPE tokenizer" if tokenizer == "hf" else "a SentencePiece tokenizer"
+        print(f"training {what} ({vocab_size} pieces) on {len(splits['train'] or documents)} documents",
+              file=sys.stderr, flush=True)
+      encoder = _train_tokenizer(files, documents, splits, model_path, vocab_size, tokenizer)
     summary = _write_splits(tmp, splits, documents, encoder, num_shards, progress)
     summary.update(format_version=FORMAT_VERSION, input=input, vocab_size=encoder.vocab_size, tokenizer=tokenizer,
-                   tokenizer_path=str(out / "tokenizer.model") if tokenizer != "byte" else "", output_dir=str(out))
+                   tokenizer_path=str(out / _TOKENIZER_FILES[tokenizer]) if tokenizer != "byte" else "",
+                   output_dir=str(out))
     (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _move_into_place(tmp, out)
   except BaseException:
@@ -360,14 +395,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--input", required=True, help="folder, glob or comma-separated list of either")
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--vocab_size", type=int, default=8192)
-  parser.add_argument("--tokenizer_path", default="", help="use this SentencePiece model instead of training one")
+  parser.add_argument("--tokenizer_path", default="",
+                      help="use this tokenizer instead of training one: a SentencePiece model, or with --tokenizer hf "
+                           "a tokenizer.json or a folder holding one")
   parser.add_argument("--validation_fraction", type=float, default=0.01)
   parser.add_argument("--test_fraction", type=float, default=0.01)
   parser.add_argument("--num_shards", type=int, default=4)
   parser.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS),
                       help="file extensions searched for in folders, comma-separated")
   parser.add_argument("--tokenizer", default="sentencepiece", choices=TOKENIZERS,
-                      help="byte: UTF-8 bytes as ids (train with tokenizer_type=byte); no model is trained")
+                      help="byte: UTF-8 bytes as ids (train with tokenizer_type=byte), no model is trained; hf: a "
+                           "Hugging Face tokenizer, a byte-level BPE trained here unless --tokenizer_path (train with "
+                           "tokenizer_type=hf)")
   parser.add_argument("--contiguous", action="store_true",
                       help="one stream split in order into train, validation and test (enwik8-style)")
   parser.add_argument("--document_chars", type=int, default=1_000_000,
@@ -381,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.vocab_only:
       if args.tokenizer != "sentencepiece" or args.tokenizer_path:
-        raise PrepareError("--vocab_only trains a SentencePiece model: drop --tokenizer byte and --tokenizer_path")
+        raise PrepareError(f"--vocab_only trains a SentencePiece model: drop --tokenizer {args.tokenizer} and "
+                           f"--tokenizer_path")
       path = train_vocab(args.input, args.output_dir, vocab_size=args.vocab_size, **split)
       print(f"trained {path} ({Tokenizer(path).vocab_size} pieces)")
       return 0

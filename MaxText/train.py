@@ -161,6 +161,8 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
     completed = False
     try:
       train_data = run.data(config.train_split)
+      if config.eval_interval:
+        run.data(config.eval_split)  # a missing or bad evaluation split fails now, not at the first evaluation
       checkpointer = checkpointing.Checkpointer.from_config(config) if config.enable_checkpointing else None
       state, start_step = run.restore_or_init(checkpointer, train_data)
       logger = metrics.MetricLogger(config, start_step=start_step, is_primary=run.is_primary, progress=progress)

@@ -1,10 +1,13 @@
 """Input pipeline: TFRecord I/O, packing, sharding, determinism, resume, eval passes, loaders, errors."""
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +31,14 @@ TEXTS = [
 ] * 3
 
 
+# Token stores (the global shuffle's index) go to a folder of this test session, never to ~/.cache.
+_STORES = tempfile.mkdtemp(prefix="maxtext-test-stores-")
+atexit.register(shutil.rmtree, _STORES, ignore_errors=True)
+
+
 def make_config(**overrides):
   values = dict(num_devices=1, per_device_batch_size=4, max_target_length=16, vocab_size=VOCAB,
-                shuffle_buffer_size=64)
+                shuffle_buffer_size=64, dataset_cache_dir=_STORES)
   values.update(overrides)
   return startup.load_config([None, BASE_CONFIG], env={}, **values)
 
@@ -210,7 +218,7 @@ def test_no_packing_one_document_per_row():
 # --- Iterators over TFRecords ---
 
 def test_batches_have_the_promised_shapes_and_bos_eos(token_dataset):
-  config = make_config(dataset_path=str(token_dataset), packed_shuffle_buffer_size=0)
+  config = make_config(dataset_path=str(token_dataset), data_shuffle="window", packed_shuffle_buffer_size=0)
   assert input_pipeline.resolve_dataset(config) == (str(token_dataset), "")
   batch = next(input_pipeline.create_iterator(config, "train"))
   assert set(batch) == set(FIELDS)
@@ -224,8 +232,9 @@ def test_batches_have_the_promised_shapes_and_bos_eos(token_dataset):
 
 @pytest.mark.parametrize("split,num_files_expected", [("train", 4), ("validation", 1)])
 def test_processes_see_disjoint_documents_that_cover_the_split(token_dataset, split, num_files_expected):
+  # The streaming path: each process reads its own documents (the global order is tested in test_hf_data).
   config = make_config(dataset_path=str(token_dataset), packing=False, max_target_length=48, num_epochs=1,
-                       add_bos=False, add_eos=False)
+                       add_bos=False, add_eos=False, data_shuffle="window")
   seen = []
   for p in range(2):
     it = input_pipeline.create_iterator(config, split, process_index=p, process_count=2)
@@ -254,10 +263,11 @@ def test_each_epoch_is_shuffled_differently(token_dataset):
   assert sorted(rows[:half]) == sorted(rows[half:]) and rows[:half] != rows[half:]
 
 
+@pytest.mark.parametrize("shuffle", ["global", "window"])
 @pytest.mark.parametrize("packing_on", [True, False])
-def test_resume_continues_the_uninterrupted_stream(token_dataset, packing_on):
+def test_resume_continues_the_uninterrupted_stream(token_dataset, packing_on, shuffle):
   config = make_config(dataset_path=str(token_dataset), packing=packing_on, per_device_batch_size=3,
-                       max_target_length=11)
+                       max_target_length=11, data_shuffle=shuffle)
   reference = take(input_pipeline.create_iterator(config, "train"), 70)  # crosses epoch boundaries
   for cut in (1, 17, 45):
     it = input_pipeline.create_iterator(config, "train")
@@ -329,21 +339,57 @@ def test_synthetic_is_deterministic_learnable_and_sharded():
   assert sorted(parts[0] + parts[1]) == sorted(whole)  # as multisets: disjoint, and all of them
 
 
-def test_tfds_via_mock_data(tokenizer_path):
+def _build_tiny_tfds(data_dir):
+  """A TFDS dataset built on disk by its own builder, as a user would have it in their data_dir."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  config = make_config(dataset_type="tfds", tfds_name="lm1b", tokenizer_path=str(tokenizer_path), num_epochs=1)
-  with tfds.testing.mock_data(num_examples=12):
-    it = input_pipeline.create_iterator(config, "train")
-    batches = list(it)
+
+  class TinyMaxtextText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(12), "test": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"text": TEXTS[i % len(TEXTS)]}
+
+  TinyMaxtextText(data_dir=str(data_dir)).download_and_prepare()
+  return "tiny_maxtext_text"
+
+
+def test_tfds_reads_a_prepared_dataset_offline(tokenizer_path, tmp_path):
+  name = _build_tiny_tfds(tmp_path / "tfds")
+  tfds_keys = dict(dataset_type="tfds", tfds_name=name, tfds_data_dir=str(tmp_path / "tfds"),
+                   tokenizer_path=str(tokenizer_path), num_epochs=1)
+  for shuffle in ("global", "window"):
+    config = make_config(data_shuffle=shuffle, **tfds_keys)
+    batches = list(input_pipeline.create_iterator(config, "train"))
+    assert batches and all(b["inputs"].max() < Tokenizer(tokenizer_path).vocab_size for b in batches)
+    assert sum(int((b["inputs"] == 2).sum()) for b in batches) == 12  # one BOS per example
     ev = input_pipeline.create_iterator(config, "test")
     assert len(list(ev)) == ev.count_batches() >= 1
-    with pytest.raises(pyconfig.ConfigError, match="tfds_text_key"):
-      input_pipeline.create_iterator(make_config(dataset_type="tfds", tfds_name="lm1b", tfds_text_key="nope",
-                                                 tokenizer_path=str(tokenizer_path)), "train")
-  assert batches and all(b["inputs"].max() < Tokenizer(tokenizer_path).vocab_size for b in batches)
-  assert sum(int((b["inputs"] == 2).sum()) for b in batches) == 12  # one BOS per example
+  with pytest.raises(pyconfig.ConfigError, match="tfds_text_key"):
+    input_pipeline.create_iterator(make_config(**{**tfds_keys, "tfds_text_key": "nope"}), "train")
+  with pytest.raises(pyconfig.ConfigError, match=r"no such split; splits: test, train"):
+    input_pipeline.create_iterator(make_config(**tfds_keys), "validation")
   with pytest.raises(pyconfig.ConfigError, match="tokenizer_path"):
-    input_pipeline.get_tokenizer(make_config(dataset_type="tfds", tfds_name="lm1b"))
+    input_pipeline.get_tokenizer(make_config(dataset_type="tfds", tfds_name=name))
+
+
+def test_a_tfds_dataset_that_is_not_there_is_one_line_and_downloads_nothing(tmp_path):
+  """Before: a 69-line traceback (No module named 'importlib_resources') from TFDS's lm1b builder code."""
+  result = subprocess.run(
+      [sys.executable, "MaxText/train.py", BASE_CONFIG, "run_name=t", f"base_output_directory={tmp_path}",
+       "dataset_type=tfds", "tfds_name=lm1b", f"tfds_data_dir={tmp_path / 'none'}", "tokenizer_type=byte",
+       "vocab_size=260", "steps=1"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("M_")})
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "tfds_name='lm1b' is not prepared in tfds_data_dir=" in lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
 
 
 # --- Errors ---
@@ -362,9 +408,13 @@ def test_config_errors_name_the_culprit(token_dataset, tmp_path, tokenizer_path)
     input_pipeline.get_tokenizer(small)
   with pytest.raises(pyconfig.ConfigError, match="no tokenizer"):
     input_pipeline.get_tokenizer(make_config(dataset_path=str(token_dataset)))
-  it = input_pipeline.create_iterator(make_config(dataset_path=str(token_dataset), vocab_size=50), "validation")
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"validation-00000-of-00001.tfrecord holds token id \d+ but vocab_size=50"):
+    input_pipeline.create_iterator(make_config(dataset_path=str(token_dataset), vocab_size=50), "validation")
+  it = input_pipeline.create_iterator(make_config(dataset_path=str(token_dataset), vocab_size=50,
+                                                  data_shuffle="window"), "validation")
   with pytest.raises(input_pipeline.DataError, match="vocab_size=50"):
-    list(it)
+    list(it)  # the streaming path finds it batch by batch
 
 
 def test_corrupt_record_names_the_file(tmp_path):
@@ -373,7 +423,11 @@ def test_corrupt_record_names_the_file(tmp_path):
   data = bytearray(bad.read_bytes())
   data[len(data) // 2] ^= 0xFF
   bad.write_bytes(bytes(data))
-  it = input_pipeline.create_iterator(make_config(dataset_path=str(tmp_path)), "train")
+  # Indexing for the global shuffle reads every record before the first batch.
+  with pytest.raises(input_pipeline.DataError, match="train-00001-of-00002.tfrecord: corrupt") as e:
+    input_pipeline.create_iterator(make_config(dataset_path=str(tmp_path)), "train")
+  assert "\n" not in str(e.value) and "function_node" not in str(e.value)
+  it = input_pipeline.create_iterator(make_config(dataset_path=str(tmp_path), data_shuffle="window"), "train")
   with pytest.raises(input_pipeline.DataError, match="train-00001-of-00002") as e:
     take(it, 50)
   assert "\n" not in str(e.value)
@@ -447,8 +501,10 @@ def test_the_row_shuffle_mixes_documents_and_is_a_seeded_permutation(tmp_path):
   # Documents far longer than a batch: in stream order a batch holds one document.
   rng = np.random.default_rng(3)
   write_split(tmp_path, "train", [rng.integers(4, VOCAB, int(rng.integers(400, 600))).tolist() for _ in range(6)], 1)
-  plain = make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=0, add_bos=False)
-  mixed = make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=64, add_bos=False)
+  plain = make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=0, add_bos=False,
+                      data_shuffle="window")
+  mixed = make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=64, add_bos=False,
+                      data_shuffle="window")
   ordered = list(input_pipeline.create_iterator(plain, "train"))
   shuffled = list(input_pipeline.create_iterator(mixed, "train"))
   assert sorted(row_keys(shuffled)) == sorted(row_keys(ordered)), "every row exactly once"
@@ -457,7 +513,7 @@ def test_the_row_shuffle_mixes_documents_and_is_a_seeded_permutation(tmp_path):
   assert row_keys(again) == row_keys(shuffled), "deterministic for a seed"
   other = list(input_pipeline.create_iterator(
       make_config(dataset_path=str(tmp_path), num_epochs=1, packed_shuffle_buffer_size=64, add_bos=False,
-                  data_shuffle_seed=5), "train"))
+                  data_shuffle_seed=5, data_shuffle="window"), "train"))
   assert row_keys(other) != row_keys(shuffled)
 
   # Rows of one document continue each other: row r+1 starts with row r's last target.

@@ -116,3 +116,37 @@ def test_cli_prints_a_summary(tmp_path, capsys):
   assert code == 0
   printed = capsys.readouterr().out
   assert "train" in printed and "validation" in printed and "documents" in printed
+
+
+def test_a_bpe_tokenizer_is_trained_or_reused_with_tokenizer_hf(tmp_path, make_config):
+  from MaxText import input_pipeline  # noqa: PLC0415
+  from MaxText.input_pipeline.hf_tokenizer import HFTokenizer  # noqa: PLC0415
+
+  texts = make_sources(tmp_path / "src")
+  out = tmp_path / "out"
+  summary = prepare_data.prepare(str(tmp_path / "src"), str(out), vocab_size=300, tokenizer="hf", num_shards=1,
+                                 progress=False)
+  assert summary["tokenizer_path"] == str(out / "tokenizer.json") and not (out / "tokenizer.model").exists()
+  tok = HFTokenizer(out / "tokenizer.json")
+  assert 260 < summary["vocab_size"] == tok.vocab_size <= 300 and (tok.bos_id, tok.eos_id) == (2, 3)
+  documents = [tok.decode(ids) for f in sorted(out.glob("*.tfrecord")) for ids in tfrecord.read_documents(str(f))]
+  assert sorted(documents) == sorted(texts.values())  # whitespace and newlines survive exactly
+  # Training finds tokenizer.json next to the data when tokenizer_type=hf.
+  config = make_config(dataset_path=str(out), dataset_type="tfrecord", tokenizer_type="hf", vocab_size=300)
+  assert input_pipeline.resolve_dataset(config) == (str(out), str(out / "tokenizer.json"))
+  assert input_pipeline.get_tokenizer(config).fingerprint == tok.fingerprint
+
+  # An existing Hugging Face tokenizer (a folder saved by save_pretrained, or the file) is used as it is.
+  saved = tmp_path / "saved_tok"
+  saved.mkdir()
+  (saved / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+  (saved / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+  for given in (saved, saved / "tokenizer.json"):
+    again = prepare_data.prepare(str(tmp_path / "src"), str(tmp_path / "again"), tokenizer="hf",
+                                 tokenizer_path=str(given), num_shards=1, progress=False)
+    assert again["splits"] == summary["splits"]
+    assert HFTokenizer(tmp_path / "again").fingerprint == tok.fingerprint
+  assert (tmp_path / "again" / "tokenizer.json").is_file()
+  code = prepare_data.main(["--input", str(tmp_path / "src"), "--output_dir", str(tmp_path / "x"), "--tokenizer", "hf",
+                            "--vocab_size", "100"])
+  assert code == 2

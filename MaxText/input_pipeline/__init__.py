@@ -4,30 +4,42 @@
     batch = next(it)  # inputs, targets, inputs_position, inputs_segmentation, targets_segmentation: [B, L] int32
     state = it.get_state()  # JSON; it.set_state(state) on a fresh iterator continues with the next batch
 
-The training split repeats (`num_epochs`, -1 = forever) with a document shuffle that changes every
-epoch; every other split is one pass in file order whose last batch is padded with empty rows.
+Two paths share the packing code (packing.py):
+- The global order (`data_shuffle: global`, any source that can be indexed): the split is written once
+  to a token store (token_store.py), cut into rows (rows.py), and read as global batches of which each
+  process takes its slice (global_order.py). The training split repeats (`num_epochs`, -1 = forever),
+  every epoch in a new seeded permutation of all its rows; other splits are one pass in row order whose
+  last batch is padded with empty rows. The position is global: resume works on any process count.
+- The stream (`data_shuffle: window`, generated data, `hf_streaming`): each process reads its own
+  documents through `Source.epoch_chunks` (shuffled per epoch in a window of `shuffle_buffer_size`
+  documents), packs them and shuffles the rows in a window of `packed_shuffle_buffer_size` (DataIterator
+  below); its position is per process, so resume needs the same process count.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Iterator
 
 import numpy as np
 
 from MaxText.errors import ConfigError, DataError
-from MaxText.input_pipeline import packing
+from MaxText.input_pipeline import packing, token_store
+from MaxText.input_pipeline.global_order import GlobalIterator
+from MaxText.input_pipeline.rows import Rows
 from MaxText.input_pipeline.sources import SOURCES, Location, Source
 from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, TOKENIZERS, ByteTokenizer, Tokenizer
 
-__all__ = ["ByteTokenizer", "DataError", "DataIterator", "Location", "SOURCES", "Source", "TOKENIZERS", "Tokenizer",
+__all__ = ["ByteTokenizer", "DataError", "DataIterator", "GlobalIterator", "Location", "SOURCES", "Source",
+           "TOKENIZERS", "Tokenizer",
            "create_iterator", "get_tokenizer", "resolve_dataset", "token_byte_lengths"]
 
 _STATE_VERSION = 1
 
 
 class DataIterator:
-  """Batches of one split on one process; see the module docstring.
+  """Batches of one split on one process, read as a stream; see the module docstring.
 
   The state records the stream position of the next row, so `set_state` rebuilds the source there
   (skipping documents inside tf.data, not in Python) instead of replaying every batch. A state taken
@@ -91,6 +103,9 @@ class DataIterator:
     if max(top) >= self._vocab_size:
       raise DataError(f"split {self._name!r} holds token id {max(top)} but vocab_size={self._vocab_size}; "
                       f"the data was tokenized with a larger vocabulary")
+    low = min(int(batch["inputs"].min(initial=0)), int(batch["targets"].min(initial=0)))
+    if low < 0:
+      raise DataError(f"split {self._name!r} holds the negative token id {low}")
     return batch
 
   def get_state(self) -> dict:
@@ -186,7 +201,14 @@ def token_byte_lengths(config) -> np.ndarray | None:
   return np.pad(lengths, (0, config.vocab_size - len(lengths)))
 
 
-def create_iterator(config, split: str, *, process_index: int = 0, process_count: int = 1) -> DataIterator:
+def store_root(config) -> str:
+  """Where token stores are indexed: <dataset_cache_dir>/token_stores."""
+  from MaxText.input_pipeline.default_corpus import DEFAULT_CACHE_DIR  # noqa: PLC0415
+
+  return os.path.join(os.path.expanduser(config.dataset_cache_dir or DEFAULT_CACHE_DIR), "token_stores")
+
+
+def create_iterator(config, split: str, *, process_index: int = 0, process_count: int = 1):
   """The batches of `split` seen by process `process_index` of `process_count` (see the module docstring)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
@@ -199,12 +221,27 @@ def create_iterator(config, split: str, *, process_index: int = 0, process_count
   source_class = SOURCES.get(config.dataset_type)
   location = source_class.locate(config)
   tokenizer = None if source_class.generated else _tokenizer(config, location)
+  bos_id = (tokenizer.bos_id if tokenizer else BOS_ID) if config.add_bos else None
+  eos_id = (tokenizer.eos_id if tokenizer else EOS_ID) if config.add_eos else None
+  if config.data_shuffle == "global" and source_class.indexed(config):
+    # Every process indexes (or finds) the whole split in file order; the order is applied to its rows.
+    source = source_class.open(config, split, location=location, train=False, tokenizer=tokenizer,
+                               process_index=0, process_count=1)
+    store = token_store.ensure(store_root(config), source.fingerprint(), source.labelled_chunks,
+                               f"split {split!r} of {source.description}", progress=process_index == 0)
+    store.check_vocab(config.vocab_size, split)
+    rows = Rows(store, config.max_target_length, packing=config.packing, bos_id=bos_id, eos_id=eos_id,
+                documents=source.document_range(store.num_documents))
+    seed = config.data_shuffle_seed if train else None
+    return GlobalIterator(
+        rows, name=split, global_rows=total, process_index=process_index, process_count=process_count,
+        epochs=epochs, shuffle_seed=seed,
+        fingerprint=(f"{store.key}|{source.document_range(store.num_documents)}|{rows.L}|packing={rows.packing}"
+                     f"|bos={bos_id}|eos={eos_id}|seed={seed}"))
   source = source_class.open(config, split, location=location, train=train, tokenizer=tokenizer,
                              process_index=process_index, process_count=process_count)
   return DataIterator(
       source, name=split, rows=total // process_count, length=config.max_target_length, packing_on=config.packing,
-      epochs=epochs, bos_id=(tokenizer.bos_id if tokenizer else BOS_ID) if config.add_bos else None,
-      eos_id=(tokenizer.eos_id if tokenizer else EOS_ID) if config.add_eos else None,
-      vocab_size=config.vocab_size, shard=(process_index, process_count),
+      epochs=epochs, bos_id=bos_id, eos_id=eos_id, vocab_size=config.vocab_size, shard=(process_index, process_count),
       row_shuffle=((config.packed_shuffle_buffer_size, config.data_shuffle_seed)
                    if train and config.packed_shuffle_buffer_size > 0 else None))

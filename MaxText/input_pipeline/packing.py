@@ -144,24 +144,31 @@ class Packer:
     valid_RK = idx_RK < n
     idx_RK = np.minimum(idx_RK, n - 1)
     tokens_RK = np.where(valid_RK, self._tokens[idx_RK], 0)
-    start_RK = self._doc_start[idx_RK] & valid_RK
-    # A row always opens a new piece, whether or not a document starts there.
-    start_RK[:, 0] = False
-    segment_RK = ((1 + np.cumsum(start_RK, axis=1)) * valid_RK).astype(np.int32)
-    k_K = np.arange(L + 1)
-    piece_start_RK = np.maximum.accumulate(np.where(start_RK, k_K, 0), axis=1)
-    position_RK = ((k_K - piece_start_RK) * valid_RK).astype(np.int32)
-    inputs_segmentation = segment_RK[:, :L]
-    # A target that is the first token of the next document (or padding) teaches nothing: mask it.
-    crosses_RL = start_RK[:, 1:] | ~valid_RK[:, 1:]
-    batch = {
-        "inputs": tokens_RK[:, :L].astype(np.int32),
-        "targets": tokens_RK[:, 1:].astype(np.int32),
-        "inputs_position": position_RK[:, :L],
-        "inputs_segmentation": inputs_segmentation,
-        "targets_segmentation": np.where(crosses_RL, 0, inputs_segmentation).astype(np.int32),
-    }
-    return _pad_rows(batch, self._R)
+    return _pad_rows(rows_from_windows(tokens_RK, self._doc_start[idx_RK], valid_RK), self._R)
+
+
+def rows_from_windows(tokens_RK: np.ndarray, start_RK: np.ndarray, valid_RK: np.ndarray) -> dict[str, np.ndarray]:
+  """Rows of L + 1 token windows -> the batch fields. `start_RK` marks the first token of a document,
+  `valid_RK` the tokens that exist (the rest is padding)."""
+  L = tokens_RK.shape[1] - 1
+  tokens_RK = np.where(valid_RK, tokens_RK, 0)
+  start_RK = start_RK & valid_RK
+  # A row always opens a new piece, whether or not a document starts there.
+  start_RK[:, 0] = False
+  segment_RK = ((1 + np.cumsum(start_RK, axis=1)) * valid_RK).astype(np.int32)
+  k_K = np.arange(L + 1)
+  piece_start_RK = np.maximum.accumulate(np.where(start_RK, k_K, 0), axis=1)
+  position_RK = ((k_K - piece_start_RK) * valid_RK).astype(np.int32)
+  inputs_segmentation = segment_RK[:, :L]
+  # A target that is the first token of the next document (or padding) teaches nothing: mask it.
+  crosses_RL = start_RK[:, 1:] | ~valid_RK[:, 1:]
+  return {
+      "inputs": tokens_RK[:, :L].astype(np.int32),
+      "targets": tokens_RK[:, 1:].astype(np.int32),
+      "inputs_position": position_RK[:, :L],
+      "inputs_segmentation": inputs_segmentation,
+      "targets_segmentation": np.where(crosses_RL, 0, inputs_segmentation).astype(np.int32),
+  }
 
 
 class RowShuffler:

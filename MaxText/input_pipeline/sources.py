@@ -7,13 +7,21 @@ A source is one class in one module of this package:
       @classmethod
       def open(cls, config, split, *, location, train, tokenizer, process_index, process_count):
         return cls(...)                       # the documents of `split` seen by this process
-      def epoch_chunks(self, epoch, skip=0):  # -> (tokens_T int32, lengths_D int64) chunks of documents,
-        ...                                   #    from document `skip` (of this process) of `epoch` on
+      def fingerprint(self):                  # what identifies the split's documents (files, sizes,
+        ...                                   #    times, column, tokenizer): the token store's name
+      def labelled_chunks(self):              # -> (where, tokens_T int32, lengths_D int64): every document
+        ...                                   #    of the split in a fixed order, `where` naming its file
+      def epoch_chunks(self, epoch, skip=0):  # -> (tokens_T, lengths_D) chunks, from document `skip` (of
+        ...                                   #    this process) of `epoch` on: the streaming path
 
-Everything after the documents is shared (input_pipeline/__init__.py, packing.py): BOS/EOS, packing
-into rows with segment ids, the row shuffle, per-process batches and the resumable position. A source
-shuffles its documents per epoch when `train` is true, deterministically from `data_shuffle_seed`, and
-gives process i of n a disjoint part of the split (the parts together are the split).
+Everything after the documents is shared (input_pipeline/__init__.py, token_store.py, rows.py,
+global_order.py, packing.py): BOS/EOS, packing into rows with segment ids, the shuffle, per-process
+batches and the resumable position. With `data_shuffle: global` (the default) an indexed source is
+opened once as process 0 of 1 without shuffling, its `labelled_chunks` are written to a token store,
+and the rows of that store are permuted globally. A source that cannot be indexed (`indexed(config)`
+false: generated or streamed data) is read through `epoch_chunks`, where it shuffles its documents per
+epoch when `train` is true, deterministically from `data_shuffle_seed`, and gives process i of n a
+disjoint part of the split (the parts together are the split).
 """
 
 from __future__ import annotations
@@ -62,6 +70,23 @@ class Source:
   def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
            process_count: int) -> "Source":
     raise NotImplementedError
+
+  @classmethod
+  def indexed(cls, config) -> bool:
+    """Whether this config's data is written to a token store (and shuffled globally); else it streams."""
+    del config
+    return not cls.generated
+
+  def fingerprint(self) -> str:
+    raise NotImplementedError
+
+  def labelled_chunks(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    raise NotImplementedError
+
+  def document_range(self, num_documents: int) -> tuple[int, int]:
+    """The documents [first, end) of the store that are this split (all of them unless a source holds some
+    out, e.g. a Hugging Face dataset without an evaluation split)."""
+    return 0, num_documents
 
   def epoch_chunks(self, epoch: int, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     raise NotImplementedError

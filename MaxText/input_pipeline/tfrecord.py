@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from MaxText.errors import ConfigError, DataError
 from MaxText.input_pipeline.sources import SOURCES, Location, Source
+from MaxText.input_pipeline.token_store import file_fingerprint
+from MaxText.input_pipeline.tokenizer import default_file as tokenizer_file
 
 TOKENS, TEXT = "tokens", "text"
 # Documents per parsed chunk: large enough to amortise Python overhead, small enough to start quickly.
@@ -93,20 +96,20 @@ def split_files(dataset_path: str, split: str) -> list[str]:
   return files
 
 
-def default_tokenizer_path(dataset_path: str) -> str | None:
-  """`tokenizer.model` in the dataset's folder: the first entry if it is a folder, else its first file's folder."""
+def default_tokenizer_path(dataset_path: str, file_name: str | None = "tokenizer.model") -> str | None:
+  """`file_name` in the dataset's folder: the first entry if it is a folder, else its first file's folder."""
   names = entries(dataset_path)
-  if not names:
+  if not names or not file_name:
     return None
   first = names[0]
   if _is_remote(first):
     gfile = import_tf().io.gfile
     folder = first if gfile.isdir(first) else os.path.dirname((_expand(first) or [first])[0])
-    path = f"{folder.rstrip('/')}/tokenizer.model"
+    path = f"{folder.rstrip('/')}/{file_name}"
     return path if gfile.exists(path) else None
   first = os.path.expanduser(first)
   folder = first if os.path.isdir(first) else os.path.dirname((_expand(first) or [first])[0])
-  path = os.path.join(folder, "tokenizer.model")
+  path = os.path.join(folder, file_name)
   return path if os.path.isfile(path) else None
 
 
@@ -174,7 +177,7 @@ def detect_feature(files: Sequence[str]) -> str:
     try:
       raw = next(iter(tf.data.TFRecordDataset([path]).take(1).as_numpy_iterator()), None)
     except tf.errors.OpError as e:
-      raise DataError(f"{path}: unreadable TFRecord file ({_first_line(e.message)})") from None
+      raise DataError(f"{path}: unreadable TFRecord file ({tf_error_line(e.message)})") from None
     if raw is None:
       continue
     try:
@@ -189,8 +192,11 @@ def detect_feature(files: Sequence[str]) -> str:
   return TOKENS  # every file is empty: there is nothing to parse either way
 
 
-def _first_line(message: str) -> str:
-  return (message or "").strip().splitlines()[0] if (message or "").strip() else "unknown error"
+def tf_error_line(message: str) -> str:
+  # TF wraps the reason in its own plumbing: "{{function_node ...}} corrupted record at 681 [Op:...]".
+  text = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[Op:[^\]]*\].*$", "", (message or "").strip().splitlines()[0]
+                if (message or "").strip() else "", flags=re.S).strip()
+  return text or "unknown error"
 
 
 def _parser(feature: str):
@@ -218,7 +224,7 @@ def find_bad_file(files: Sequence[str], feature: str) -> tuple[str, str] | None:
       for _ in tf.data.TFRecordDataset([path]).batch(1024).map(parse):
         pass
     except tf.errors.OpError as e:
-      return path, _first_line(e.message)
+      return path, tf_error_line(e.message)
   return None
 
 
@@ -234,16 +240,17 @@ class TFRecordSource(Source):
   @classmethod
   def locate(cls, config) -> Location:
     if not config.dataset_path:
-      if config.tokenizer_type == "byte":
-        raise ConfigError("tokenizer_type=byte needs dataset_path (the default corpus is SentencePiece-tokenized); "
-                          "prepare one with: python MaxText/prepare_data.py --tokenizer byte --input ... "
-                          "--output_dir ...")
+      if config.tokenizer_type != "sentencepiece":
+        raise ConfigError(f"tokenizer_type={config.tokenizer_type} needs dataset_path (the default corpus is "
+                          f"SentencePiece-tokenized); prepare one with: python MaxText/prepare_data.py "
+                          f"--tokenizer {config.tokenizer_type} --input ... --output_dir ...")
       from MaxText.input_pipeline import default_corpus  # noqa: PLC0415
 
       folder = default_corpus.ensure_default_corpus(
           cache_dir=config.dataset_cache_dir, vocab_size=config.vocab_size, tokenizer_path=config.tokenizer_path)
       return Location(str(folder), str(folder / "tokenizer.model"))
-    return Location(config.dataset_path, config.tokenizer_path or default_tokenizer_path(config.dataset_path) or "")
+    found = default_tokenizer_path(config.dataset_path, tokenizer_file(config.tokenizer_type))
+    return Location(config.dataset_path, config.tokenizer_path or found or "")
 
   @classmethod
   def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
@@ -264,6 +271,36 @@ class TFRecordSource(Source):
     self.local_files = self.files[process_index::process_count] if self.shard_by_file else self.files
     self.process_index, self.process_count = process_index, process_count
     self.shuffle, self.seed, self.buffer = shuffle, seed, max(1, shuffle_buffer_size)
+
+  def fingerprint(self) -> str:
+    tokenizer = f"|tokenizer={self.tokenizer.fingerprint}" if self.feature == TEXT else ""
+    return f"tfrecord|{self.feature}|{file_fingerprint(self.files)}{tokenizer}"
+
+  @property
+  def description(self) -> str:
+    return f"{len(self.files)} TFRecord files starting with {self.files[0]}"
+
+  def labelled_chunks(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Every document, file by file in order, labelled with its file (one pipeline: parsing is traced once)."""
+    tf = import_tf()
+    parse = _parser(self.feature)
+    ds = tf.data.Dataset.from_tensor_slices(self.files).flat_map(
+        lambda path: tf.data.TFRecordDataset(path).batch(_CHUNK_DOCS).map(lambda docs: (path, parse(docs))))
+    options = tf.data.Options()
+    options.deterministic = True
+    it = ds.prefetch(2).with_options(options).as_numpy_iterator()
+    while True:
+      try:
+        path, item = next(it)
+      except StopIteration:
+        return
+      except tf.errors.OpError as e:
+        bad = find_bad_file(self.files, self.feature)
+        where = f"{bad[0]}: corrupt or unreadable TFRecord data ({bad[1]})" if bad else \
+            f"reading {self.description} failed: {tf_error_line(e.message)}"
+        raise DataError(where) from None
+      path = path.decode("utf-8")
+      yield (path, *(item if self.feature == TOKENS else tokenize_texts(self.tokenizer, item)))
 
   def _dataset(self, epoch: int, skip: int):
     tf = import_tf()
@@ -305,7 +342,7 @@ class TFRecordSource(Source):
         if bad:
           raise DataError(f"{bad[0]}: corrupt or unreadable TFRecord data ({bad[1]})") from None
         raise DataError(f"reading {len(self.local_files)} TFRecord files starting with {self.local_files[0]} "
-                        f"failed: {_first_line(e.message)}") from None
+                        f"failed: {tf_error_line(e.message)}") from None
       if self.feature == TOKENS:
         yield item
       else:

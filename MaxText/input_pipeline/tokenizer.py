@@ -1,17 +1,20 @@
-"""Tokenizers (`tokenizer_type`, the TOKENIZERS registry): SentencePiece and UTF-8 bytes; training a
-whitespace-preserving SentencePiece model for source code.
+"""Tokenizers (`tokenizer_type`, the TOKENIZERS registry): SentencePiece, UTF-8 bytes and Hugging Face
+(hf_tokenizer.py); training a whitespace-preserving SentencePiece model for source code.
 
 A tokenizer is registered as a loader, `load(path) -> tokenizer` (None when it needs a file and `path` is
-""), where a tokenizer has `encode(text)`,
-`encode_batch(texts)`, `decode(ids)`, `id_to_piece(i)`, `byte_lengths()` (bytes of text per id, for bits
-per byte), `vocab_size`, `pad_id`, `bos_id` and `eos_id`; `encode` adds no BOS/EOS (the input pipeline
-adds them per document). Every model this project trains uses the ids pad=0, unk=1, bos=2, eos=3; the
-pipeline pads with 0 and masks padding through segment ids, so a foreign model only needs its own bos/eos,
-which are read from it.
+""), where a tokenizer has `encode(text)`, `encode_batch(texts)`, `decode(ids)`, `id_to_piece(i)`,
+`byte_lengths()` (bytes of text per id, for bits per byte), `vocab_size`, `pad_id`, `bos_id` and `eos_id`
+(None: the tokenizer has none, and none is added), and `fingerprint` (changes with the vocabulary: part
+of a token store's name); `encode` adds no BOS/EOS (the input pipeline adds them per document). A
+loader's `default_file` attribute names the file looked for next to the data when `tokenizer_path` is
+empty. Every model this project trains uses the ids pad=0, unk=1, bos=2, eos=3; the pipeline pads with 0
+and masks padding through segment ids, so a foreign model only needs its own bos/eos, which are read
+from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -38,6 +41,7 @@ class Tokenizer:
       proto = Path(model_path).read_bytes()
     except OSError as e:
       raise ValueError(f"cannot read SentencePiece model {self.path!r}: {e.strerror}") from None
+    self.fingerprint = "sentencepiece:" + hashlib.sha256(proto).hexdigest()
     self._sp = spm.SentencePieceProcessor()
     try:
       self._sp.LoadFromSerializedProto(proto)
@@ -84,7 +88,7 @@ class ByteTokenizer:
   """
 
   OFFSET = 4
-  path = "byte"
+  path = fingerprint = "byte"
   vocab_size = 256 + OFFSET
   pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
@@ -126,10 +130,33 @@ def load_sentencepiece(path: str) -> Tokenizer | None:
     raise ConfigError(f"tokenizer_path: {e}") from None
 
 
+load_sentencepiece.default_file = "tokenizer.model"
+
+
 @TOKENIZERS.register("byte")
 def load_bytes(path: str) -> ByteTokenizer:
   del path  # nothing to load
   return ByteTokenizer()
+
+
+@TOKENIZERS.register("hf")
+def load_hf(path: str):
+  if not path:
+    return None
+  from MaxText.input_pipeline.hf_tokenizer import HFTokenizer  # noqa: PLC0415 (imports tokenizers)
+
+  try:
+    return HFTokenizer(path)
+  except ValueError as e:
+    raise ConfigError(f"tokenizer_path: {e}") from None
+
+
+load_hf.default_file = "tokenizer.json"
+
+
+def default_file(tokenizer_type: str) -> str | None:
+  """The file name a tokenizer of this type has next to its data ("tokenizer.model"), None if it needs none."""
+  return getattr(TOKENIZERS.get(tokenizer_type), "default_file", None)
 
 
 def _lines_of_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
