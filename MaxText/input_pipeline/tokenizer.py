@@ -113,6 +113,63 @@ class ByteTokenizer:
     return "ByteTokenizer()"
 
 
+class HFTokenizer:
+  """A Hugging Face fast tokenizer (`tokenizer.json`, read with the `tokenizers` package), as a converted
+  checkpoint's (convert_checkpoint.py to_maxtext). BOS and EOS come from tokenizer_config.json next to it
+  (else the project's ids); `encode` adds no special tokens. Padding stays id 0, masked by segment ids."""
+
+  def __init__(self, path: str | os.PathLike):
+    try:
+      import tokenizers  # noqa: PLC0415
+    except ImportError:
+      raise ValueError("tokenizer_type huggingface needs the tokenizers package (pip install tokenizers)") from None
+    self.path = str(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(self.path)
+    except Exception as e:  # noqa: BLE001 (tokenizers raises its own Exception type)
+      raise ValueError(f"{self.path!r} is not a Hugging Face tokenizer.json: {str(e).splitlines()[0]}") from None
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.pad_id, self.unk_id = PAD_ID, UNK_ID
+    settings = {}
+    config_file = Path(self.path).with_name("tokenizer_config.json")
+    if config_file.is_file():
+      import json  # noqa: PLC0415
+
+      settings = json.loads(config_file.read_text())
+
+    def special(key, default):
+      token = settings.get(key)
+      token = token.get("content") if isinstance(token, dict) else token
+      found = self._tok.token_to_id(token) if token else None
+      return default if found is None else found
+
+    self.bos_id, self.eos_id = special("bos_token", BOS_ID), special("eos_token", EOS_ID)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tok.id_to_token(int(i)) or ""
+
+  def byte_lengths(self) -> np.ndarray:
+    """UTF-8 bytes each id decodes to alone (0 for special tokens)."""
+    special = {int(i) for i in self._tok.get_added_tokens_decoder()} if hasattr(self._tok, "get_added_tokens_decoder") else set()
+    out = np.zeros(self.vocab_size, np.int64)
+    for i in range(self.vocab_size):
+      if i not in special:
+        out[i] = len(self._tok.decode([i], skip_special_tokens=True).encode("utf-8"))
+    return out
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
 TOKENIZERS: Registry = Registry("tokenizer_type", "tokenizer")
 
 
@@ -122,6 +179,16 @@ def load_sentencepiece(path: str) -> Tokenizer | None:
     return None
   try:
     return Tokenizer(path)
+  except ValueError as e:
+    raise ConfigError(f"tokenizer_path: {e}") from None
+
+
+@TOKENIZERS.register("huggingface")
+def load_huggingface(path: str) -> HFTokenizer | None:
+  if not path:
+    return None
+  try:
+    return HFTokenizer(path)
   except ValueError as e:
     raise ConfigError(f"tokenizer_path: {e}") from None
 
