@@ -38,14 +38,16 @@ from tqdm import tqdm  # noqa: E402
 
 from MaxText.errors import DataError, PrepareError  # noqa: E402
 from MaxText.input_pipeline import tfrecord  # noqa: E402
-from MaxText.input_pipeline.tokenizer import ByteTokenizer, Tokenizer, train_sentencepiece  # noqa: E402
+from MaxText.input_pipeline.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, train_sentencepiece  # noqa: E402
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
                       ".go", ".rs", ".sh", ".json", ".yaml", ".yml", ".toml", ".html", ".css", ".tex")
 INFO_FILE = "dataset_info.json"
-TOKENIZERS = ("sentencepiece", "byte")
+TOKENIZERS = ("sentencepiece", "byte", "huggingface")
+# A Hugging Face tokenizer.json travels with these neighbours (its BOS/EOS are in tokenizer_config.json).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _DOC_TARGET_CHARS, _DOC_LIMIT_CHARS = 2000, 8000
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _ENCODE_BATCH_CHARS = 4 << 20
@@ -235,6 +237,8 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
     raise PrepareError("--tokenizer_path is a SentencePiece model; --tokenizer byte needs none")
   if tokenizer_path and not os.path.isfile(os.path.expanduser(tokenizer_path)):
     raise PrepareError(f"--tokenizer_path {tokenizer_path!r} is not a file")
+  if tokenizer == "huggingface" and not tokenizer_path:
+    raise PrepareError("--tokenizer huggingface needs --tokenizer_path (a tokenizer.json, e.g. a converted checkpoint's)")
   files = find_input_files(input, extensions, exclude_dirs)
   if not files:
     raise PrepareError(f"--input {input!r} matched no files (folders are searched for {', '.join(extensions)})")
@@ -245,6 +249,17 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
     model_path = tmp / "tokenizer.model"
     if tokenizer == "byte":
       encoder = ByteTokenizer()
+    elif tokenizer == "huggingface":
+      source = Path(os.path.expanduser(tokenizer_path))
+      model_path = tmp / "tokenizer.json"
+      shutil.copyfile(source, model_path)
+      for name in HF_TOKENIZER_FILES[1:]:
+        if (source.parent / name).is_file():
+          shutil.copyfile(source.parent / name, tmp / name)
+      try:
+        encoder = HFTokenizer(model_path)
+      except ValueError as e:
+        raise PrepareError(f"--tokenizer_path: {e}") from None
     elif tokenizer_path:
       shutil.copyfile(os.path.expanduser(tokenizer_path), model_path)
       try:
@@ -258,7 +273,7 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
       encoder = _train_tokenizer(files, documents, splits, model_path, vocab_size)
     summary = _write_splits(tmp, splits, documents, encoder, num_shards, progress)
     summary.update(format_version=FORMAT_VERSION, input=input, vocab_size=encoder.vocab_size, tokenizer=tokenizer,
-                   tokenizer_path=str(out / "tokenizer.model") if tokenizer != "byte" else "", output_dir=str(out))
+                   tokenizer_path=str(out / model_path.name) if tokenizer != "byte" else "", output_dir=str(out))
     (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _move_into_place(tmp, out)
   except BaseException:
@@ -360,14 +375,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--input", required=True, help="folder, glob or comma-separated list of either")
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--vocab_size", type=int, default=8192)
-  parser.add_argument("--tokenizer_path", default="", help="use this SentencePiece model instead of training one")
+  parser.add_argument("--tokenizer_path", default="",
+                      help="use this SentencePiece model (or, with --tokenizer huggingface, tokenizer.json) instead of training one")
   parser.add_argument("--validation_fraction", type=float, default=0.01)
   parser.add_argument("--test_fraction", type=float, default=0.01)
   parser.add_argument("--num_shards", type=int, default=4)
   parser.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS),
                       help="file extensions searched for in folders, comma-separated")
   parser.add_argument("--tokenizer", default="sentencepiece", choices=TOKENIZERS,
-                      help="byte: UTF-8 bytes as ids (train with tokenizer_type=byte); no model is trained")
+                      help="byte: UTF-8 bytes as ids (train with tokenizer_type=byte); huggingface: --tokenizer_path's "
+                           "tokenizer.json (train with tokenizer_type=huggingface); no model is trained")
   parser.add_argument("--contiguous", action="store_true",
                       help="one stream split in order into train, validation and test (enwik8-style)")
   parser.add_argument("--document_chars", type=int, default=1_000_000,

@@ -55,10 +55,13 @@ def tokens_file(tmp_path, vocab: int, shape=(2, 24), seed=0):
   return path
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_from_pytorch_bin"])
 def test_llama_in_equals_hf_logits_scanned_or_not_and_out_again(tmp_path, capsys, tied):
   hf_dir, out, back = tmp_path / "hf", tmp_path / "converted", tmp_path / "exported"
   model = save_llama(hf_dir, tied)
+  if tied:  # the older format: a pickled state dict (read with torch.load, weights only, memory-mapped)
+    torch.save(model.state_dict(), hf_dir / "pytorch_model.bin")
+    (hf_dir / "model.safetensors").unlink()
   code, _, err = run_main(capsys, "to_maxtext", "--hf_path", hf_dir, "--output_path", out)
   assert code == 0, err
   text = (out / "config.yml").read_text()
@@ -157,7 +160,9 @@ def test_release_checkpoint_equals_the_reference_implementation(tmp_path, capsys
   assert float(printed.strip().splitlines()[-1]) <= atol
 
   # Out again: the release's names and shapes, every tensor as it came in (the fused wqkv as wq, wk, wv).
-  assert run_main(capsys, "to_hf", "--output_path", back, out / "config.yml", "num_devices=1")[0] == 0
+  assert run_main(capsys, "to_hf", "--output_path", back, out / "config.yml", "num_devices=1",
+                  "--max_shard_size", "200KB")[0] == 0
+  assert (back / "model.safetensors.index.json").is_file()
   exported = tensor_files.open_folder(back)
   for name, tensor in state.items():
     if name.endswith("wqkv.weight"):
@@ -219,3 +224,30 @@ def test_an_unsupported_release_setting_is_a_one_line_error(tmp_path, capsys):
     code, _, err = run_main(capsys, "to_maxtext", "--hf_path", folder, "--output_path", tmp_path / "out", "--family",
                             "mudd")
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"'{key}'" in err, err
+
+
+def test_safetensors_written_as_tensors_arrive_read_back_by_safetensors(tmp_path, monkeypatch):
+  import ml_dtypes
+
+  monkeypatch.setattr(tensor_files, "HEADER_RESERVE", 64)  # a header longer than its reserve moves the data once
+  rng = np.random.default_rng(0)
+  tensors = {f"layer_{i}/a/rather/long/parameter/name": rng.standard_normal((3, 5)).astype(np.float32)
+             for i in range(4)}
+  tensors["bf16"] = rng.standard_normal((2, 7)).astype(ml_dtypes.bfloat16)
+  tensors["scalar"] = np.float32(3.0).reshape(())
+  writer = tensor_files.ShardedWriter(tmp_path, "model", max_shard_bytes=100)
+  for name, value in tensors.items():
+    writer.add(name, value)
+  files = writer.close()
+  assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+  ours = tensor_files.open_folder(tmp_path)
+  theirs = {}
+  for f in files:
+    theirs.update(safetensors.torch.load_file(str(f)))
+  assert set(ours) == set(theirs) == set(tensors)
+  for name, value in tensors.items():
+    np.testing.assert_array_equal(ours[name], value)
+    np.testing.assert_array_equal(theirs[name].float().numpy(), value.astype(np.float32))
+  lazy = ours.lazy("layer_2/a/rather/long/parameter/name")
+  np.testing.assert_array_equal(lazy[1], tensors["layer_2/a/rather/long/parameter/name"][1])
+  np.testing.assert_array_equal(lazy.read((slice(1, 3), slice(2, 4))), tensors["layer_2/a/rather/long/parameter/name"][1:3, 2:4])

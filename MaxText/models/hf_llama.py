@@ -133,7 +133,10 @@ def hf_config(config) -> dict[str, Any]:
       "hidden_act": "silu",
       "attention_bias": False,
       "mlp_bias": False,
-      "max_position_embeddings": config.max_target_length,
+      # Informational for Llama (its RoPE needs no maximum); with llama3 scaling, the context it scales to.
+      "max_position_embeddings": max(config.max_target_length, int(config.rope_original_max_position
+                                                                     * config.rope_scaling_factor)
+                                     if config.rope_type == "llama3" else 0),
       "initializer_range": config.init_weights_std,
       "torch_dtype": config.weight_dtype,
       "dtype": config.weight_dtype,
