@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from MaxText import tensor_files
 from MaxText.errors import CheckpointError
 
 
@@ -139,7 +140,10 @@ def run_parameters(config, abstract_params: Any, purpose: str) -> tuple[Any, int
 
 
 def load_parameters(path: str, abstract_params: Any) -> Any:
-  """Only the parameters of a checkpoint step dir (<run>/checkpoints/<step>), onto the given shardings."""
+  """Only the parameters of a checkpoint step dir (<run>/checkpoints/<step>), or of a converted checkpoint
+  (convert_checkpoint.py's params.safetensors, a file or its folder), onto the given shardings."""
+  if tensor_files.is_parameter_folder(path):
+    return load_converted(path, abstract_params)
   step_dir = Path(path)
   item = step_dir / "state" if (step_dir / "state").is_dir() else step_dir
   if not item.is_dir():
@@ -154,3 +158,29 @@ def load_parameters(path: str, abstract_params: Any) -> Any:
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     raise CheckpointError(f"load_parameters_path {path!r} does not hold parameters of this model: {_short(e)}") from None
   return restored["params"]
+
+
+def load_converted(path: str, abstract_params: Any) -> Any:
+  """Parameters from safetensors named by parameter path ("layers/mlp/wo"), each placed directly in its
+  sharding: every device's shard is read from the file on its own (the leading rows it covers), cast to
+  the parameter's dtype; the whole tensor is never assembled on one host."""
+  import numpy as np  # noqa: PLC0415
+
+  stored = tensor_files.open_parameters(path)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+  names = ["/".join(str(getattr(k, "key", k)) for k in key_path) for key_path, _ in flat]
+  extra = sorted(set(stored) - set(names))
+  if extra:
+    raise CheckpointError(f"load_parameters_path {path!r} has {extra[0]}, which this model does not")
+  arrays = []
+  for name, (_, target) in zip(names, flat):
+    if name not in stored:
+      raise CheckpointError(f"load_parameters_path {path!r} lacks {name}")
+    lazy = stored.lazy(name)
+    if tuple(lazy.shape) != tuple(target.shape):
+      raise CheckpointError(f"load_parameters_path {path!r}: {name} is {tuple(lazy.shape)} there but "
+                            f"{tuple(target.shape)} here")
+    dtype = np.dtype(target.dtype)
+    arrays.append(jax.make_array_from_callback(
+        target.shape, target.sharding, lambda index, lazy=lazy, dtype=dtype: lazy.read(index).astype(dtype)))
+  return jax.tree_util.tree_unflatten(treedef, arrays)

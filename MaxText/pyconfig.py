@@ -397,6 +397,7 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
       "dtype": ("float32", "bfloat16"), "weight_dtype": ("float32", "bfloat16"),
       "mode": ("train", "validation", "test"), "jax_distributed_initialization": ("auto", "on", "off"),
       "parametrization": ("sp", "mup"), "data_shuffle": ("global", "window"),
+      "rope_table_dtype": ("float32", "bfloat16"),
   }
   for key, allowed in choices.items():
     if v[key] not in allowed:

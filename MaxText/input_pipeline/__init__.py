@@ -176,11 +176,12 @@ def _tokenizer(config, location: Location):
 
 def get_tokenizer(config):
   """The tokenizer of the config's data, checked against vocab_size. Generated data (dataset_type=synthetic)
-  has none: this raises a ConfigError that says so."""
+  has none: this raises a ConfigError that says so. A tokenizer_path given is the tokenizer, and no data is
+  located for it (a converted checkpoint's config names its tokenizer and decodes without any data)."""
   source = SOURCES.get(config.dataset_type)
   if source.generated:
     raise ConfigError(f"dataset_type={config.dataset_type} has no tokenizer (its documents are generated token ids)")
-  location = source.locate(config)
+  location = Location(config.dataset_path, config.tokenizer_path) if config.tokenizer_path else source.locate(config)
   tokenizer = _tokenizer(config, location)
   if tokenizer is None:
     raise ConfigError(f"no tokenizer for dataset_type={config.dataset_type} data {location.dataset!r}: "

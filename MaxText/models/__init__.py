@@ -10,14 +10,19 @@ A family class is an `nnx.Module` with
   init_cache(batch, max_length) -> cache pytree for decoding
   validate(config)            (classmethod) raise ConfigError for impossible family-specific settings
   flops_per_token(config)     (staticmethod) training FLOPs per token (forward + backward)
-  config_keys                 (class attribute) the base_v2.yml keys only this family reads; another
-                              family's run that sets one away from its default is a config error
+  config_keys                 (class attribute) the base_v2.yml keys only this family reads (or it and the
+                              other families that list them too); another family's run that sets one away
+                              from its default is a config error
 and, optionally, checkpoint conversion to and from another code base's flat {name: tensor} layout
 (`convert_checkpoint.py` only dispatches to these):
-  from_hf(config, tensors)    (classmethod) {name: array} (a lazy mapping) -> the parameter tree (numpy)
-  to_hf(config, params)       (classmethod) parameter tree -> iterator of (name, numpy array)
+  hf_model_type               (class attribute) the config.json `model_type` this family converts ("" none)
   config_from_hf(hf_config)   (classmethod) an HF config.json dict -> {config key: value}
   hf_config(config)           (classmethod) the config.json dict of this model
+  from_hf(config, tensors)    (classmethod) {name: array} (a lazy mapping) -> iterator of (our parameter
+                              path "a/b/c", numpy array), one tensor at a time (`conversion.tree` nests them)
+  to_hf(config, params)       (classmethod) parameter tree (its leaves may be lazy) -> iterator of (name,
+                              numpy array), one tensor at a time
+A setting the other side cannot express is a one-line ConfigError naming the key.
 Families built from the shared skeleton (embedding, layers, final norm, logits, decode cache) subclass
 `models.decoder.Decoder` and write only their layers.
 `model_name` picks a preset YAML in configs/models/, and the preset's `decoder_block` picks the family.
@@ -48,6 +53,7 @@ class ModelFamily(nnx.Module):
 
   config_keys: tuple[str, ...] = ()
   family_name = ""
+  hf_model_type = ""
 
   @classmethod
   def validate(cls, config) -> None:
@@ -75,7 +81,7 @@ class ModelFamily(nnx.Module):
     raise cls._no_conversion()
 
   @classmethod
-  def from_hf(cls, config, tensors: Mapping[str, Any]) -> dict:
+  def from_hf(cls, config, tensors: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     raise cls._no_conversion()
 
   @classmethod
@@ -99,12 +105,15 @@ def get_family(name: str) -> type:
 
 
 def check_config(config, defaults: dict) -> None:
-  """The family's own checks, and no key of another family set away from its default (it would be ignored)."""
+  """The family's own checks, and no key of another family set away from its default (it would be ignored).
+  A key several families read (in each one's config_keys) is an error only on the families that do not."""
   family = get_family(config.decoder_block)
   for name, other in sorted(FAMILIES.items()):
     if other is family:
       continue
     for key in other.config_keys:
+      if key in family.config_keys:
+        continue
       if getattr(config, key) != defaults[key]:
         raise ConfigError(f"config key {key!r}={getattr(config, key)!r} applies to decoder_block {name!r} only; "
                           f"model {config.model_name!r} is decoder_block {config.decoder_block!r}")

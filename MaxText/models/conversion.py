@@ -1,7 +1,7 @@
 """Name tables between a family's parameter tree and another code base's flat {name: tensor} checkpoints.
 
 A family's `from_hf` / `to_hf` describe their mapping as `Rule`s and let `read` and `write` walk it one
-tensor at a time, so a converter never holds more than the output and the tensor at hand:
+tensor at a time, so a converter holds one parameter (a stack of N layers at most) and the tensor at hand:
 
     Rule("layers/attention/wq", "model.layers.{i}.self_attn.q_proj.weight", to_ours, to_theirs)
 
@@ -54,18 +54,29 @@ def _tensor(tensors: Mapping[str, Any], name: str) -> np.ndarray:
   return np.asarray(tensors[name])
 
 
-def read(rules: list[Rule], tensors: Mapping[str, Any], num_layers: int) -> dict:
-  """Our parameter tree (numpy, nested dicts) from their tensors, reading each tensor once."""
-  params: dict = {}
+def read(rules: list[Rule], tensors: Mapping[str, Any], num_layers: int) -> Iterator[tuple[str, np.ndarray]]:
+  """(our parameter path, array) pairs from their tensors, one parameter at a time, each tensor read once."""
   for rule in rules:
     if "{i}" not in rule.theirs:
-      _set(params, rule.ours, rule.to_ours(_tensor(tensors, rule.theirs)))
+      yield rule.ours, rule.to_ours(_tensor(tensors, rule.theirs))
     elif "{i}" in rule.ours:
       for i in range(num_layers):
-        _set(params, rule.ours.format(i=i), rule.to_ours(_tensor(tensors, rule.theirs.format(i=i))))
+        yield rule.ours.format(i=i), rule.to_ours(_tensor(tensors, rule.theirs.format(i=i)))
     else:
-      _set(params, rule.ours, np.stack([rule.to_ours(_tensor(tensors, rule.theirs.format(i=i)))
-                                        for i in range(num_layers)]))
+      first = rule.to_ours(_tensor(tensors, rule.theirs.format(i=0)))
+      stacked = np.empty((num_layers, *first.shape), first.dtype)  # filled layer by layer: no list of copies
+      stacked[0] = first
+      del first
+      for i in range(1, num_layers):
+        stacked[i] = rule.to_ours(_tensor(tensors, rule.theirs.format(i=i)))
+      yield rule.ours, stacked
+
+
+def tree(pairs) -> dict:
+  """Nested dicts from (path "a/b/c", value) pairs (e.g. a family's from_hf)."""
+  params: dict = {}
+  for path, value in pairs:
+    _set(params, path, value)
   return params
 
 
@@ -78,7 +89,7 @@ def write(rules: list[Rule], params: Mapping, num_layers: int) -> Iterator[tuple
       for i in range(num_layers):
         yield rule.theirs.format(i=i), rule.to_theirs(np.asarray(_get(params, rule.ours.format(i=i))))
     else:
-      stacked = _get(params, rule.ours)
+      stacked = _get(params, rule.ours)  # indexing a lazy stack reads one layer
       for i in range(num_layers):
         yield rule.theirs.format(i=i), rule.to_theirs(np.asarray(stacked[i]))
 

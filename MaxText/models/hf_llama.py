@@ -1,5 +1,7 @@
 """Transformer++ <-> Hugging Face `LlamaForCausalLM`: config keys and tensor names.
 
+Both config.json forms are read: transformers 4's `rope_theta` + `rope_scaling` and transformers 5's
+`rope_parameters`; RoPE scaling of type llama3 maps to rope_type llama3 (layers.rope_llama3).
 HF stores every projection as a torch Linear weight [out, in] and applies RoPE to the two halves of each
 head (rotate_half), the layout `layers.rope` uses, so the maps are transposes and reshapes only:
   q_proj [H*E, D] <-> wq [D, H, E]      k_proj, v_proj [K*E, D] <-> wk, wv [D, K, E]
@@ -18,6 +20,46 @@ from MaxText.models import conversion
 from MaxText.models.conversion import Rule
 
 ARCHITECTURE = "LlamaForCausalLM"
+MODEL_TYPE = "llama"
+# HF rope_scaling fields of rope_type llama3 -> our keys.
+LLAMA3_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_position"}
+
+
+def rope_keys(hf: Mapping[str, Any], unsupported) -> dict[str, Any]:
+  """Our RoPE keys from either form of an HF config: `rope_theta` + `rope_scaling` (transformers 4), or
+  `rope_parameters` holding both (transformers 5)."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {}) or params
+  key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  out = {"rope_max_timescale": _whole(theta, "rope_theta")}
+  kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+  if kind == "default":
+    out["rope_type"] = "default"
+  elif kind == "llama3":
+    missing = [k for k in LLAMA3_KEYS if k not in scaling]
+    if missing:
+      raise unsupported(key, f"rope_type llama3 needs {', '.join(missing)}")
+    out["rope_type"] = "llama3"
+    for theirs, ours in LLAMA3_KEYS.items():
+      out[ours] = int(scaling[theirs]) if ours == "rope_original_max_position" else float(scaling[theirs])
+  else:
+    raise unsupported(key, f"rope_type {kind!r} is not supported (default and llama3 are)")
+  if float(scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+    raise unsupported("partial_rotary_factor", "RoPE rotates the whole head")
+  return out
+
+
+def hf_rope(config) -> dict[str, Any]:
+  """config.json's RoPE entries of a config, in the transformers 4 form (transformers 5 reads it too)."""
+  scaling = None
+  if config.rope_type == "llama3":
+    scaling = {"rope_type": "llama3", **{theirs: getattr(config, ours) for theirs, ours in LLAMA3_KEYS.items()}}
+  elif config.rope_type != "default":
+    raise ConfigError(f"config key 'rope_type'={config.rope_type!r} has no Hugging Face form")
+  return {"rope_theta": float(config.rope_max_timescale), "rope_scaling": scaling}
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -33,8 +75,6 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key, False):
       raise unsupported(key, "Transformer++ has no biases")
-  if hf.get("rope_scaling"):
-    raise unsupported("rope_scaling", "no RoPE scaling is supported")
   for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
     if key not in hf:
       raise ConfigError(f"HF config has no {key!r}")
@@ -49,7 +89,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // heads),
       "vocab_size": int(hf["vocab_size"]),
       "normalization_layer_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
-      "rope_max_timescale": _whole(hf.get("rope_theta", 10000.0), "rope_theta"),
+      **rope_keys(hf, unsupported),
       "logits_via_embedding": bool(hf.get("tie_word_embeddings", False)),
       "mlp_activations": ["silu", "linear"],
   }
@@ -73,6 +113,10 @@ def hf_config(config) -> dict[str, Any]:
     raise unsupported("parametrization", "HF Llama has no attention or output multipliers")
   if not config.use_norm_gains:
     raise unsupported("use_norm_gains", "HF Llama's norms have gains")
+  if config.qk_rmsnorm:
+    raise unsupported("qk_rmsnorm", "HF Llama has no query/key norm")
+  if config.rope_table_dtype != "float32":
+    raise unsupported("rope_table_dtype", "HF Llama computes cos/sin in float32")
   return {
       "architectures": [ARCHITECTURE],
       "model_type": "llama",
@@ -84,15 +128,18 @@ def hf_config(config) -> dict[str, Any]:
       "head_dim": config.head_dim,
       "vocab_size": config.vocab_size,
       "rms_norm_eps": config.normalization_layer_epsilon,
-      "rope_theta": float(config.rope_max_timescale),
-      "rope_scaling": None,
+      **hf_rope(config),
       "tie_word_embeddings": config.logits_via_embedding,
       "hidden_act": "silu",
       "attention_bias": False,
       "mlp_bias": False,
-      "max_position_embeddings": config.max_target_length,
+      # Informational for Llama (its RoPE needs no maximum); with llama3 scaling, the context it scales to.
+      "max_position_embeddings": max(config.max_target_length, int(config.rope_original_max_position
+                                                                     * config.rope_scaling_factor)
+                                     if config.rope_type == "llama3" else 0),
       "initializer_range": config.init_weights_std,
       "torch_dtype": config.weight_dtype,
+      "dtype": config.weight_dtype,
   }
 
 
@@ -125,7 +172,7 @@ def rules(config) -> list[Rule]:
   return table
 
 
-def from_hf(config, tensors: Mapping[str, Any]) -> dict:
+def from_hf(config, tensors: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
   return conversion.read(rules(config), tensors, config.base_num_decoder_layers)
 
 

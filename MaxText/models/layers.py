@@ -18,10 +18,12 @@ coordinate check) they put mean |activation| of their sites in it; when it is No
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from MaxText.registry import Registry
@@ -118,17 +120,67 @@ class RMSNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
-def rope(x_BLHE: jax.Array, positions_BL: jax.Array, max_timescale: float) -> jax.Array:
-  """Rotary embedding, half-split (non-interleaved): pairs (x_k, x_{k+E/2}) rotate by pos / base^(2k/E)."""
+# RoPE frequency rules (`rope_type`): config, head dim -> float32 [E/2] inverse frequencies, or None for the
+# plain base^(-2k/E), which `rope` computes in the graph itself.
+ROPE_TYPES: Registry[Callable[[Any, int], "np.ndarray | None"]] = Registry("rope_type", "RoPE type")
+
+
+def rope_base_frequencies(base: float, head_dim: int) -> np.ndarray:
+  """1 / base^(2k/E) in float32 as PyTorch code computes it (Hugging Face, the MUDDFormer release)."""
+  return (1.0 / np.float32(base) ** (np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim))).astype(np.float32)
+
+
+@ROPE_TYPES.register("default")
+def _rope_default(config, head_dim: int):
+  # In the graph (None), except with a rounded table, whose roundings follow the PyTorch frequencies.
+  return None if config.rope_table_dtype == "float32" else rope_base_frequencies(config.rope_max_timescale, head_dim)
+
+
+@ROPE_TYPES.register("llama3")
+def rope_llama3(config, head_dim: int) -> np.ndarray:
+  """Llama 3.1's frequency scaling, in float32 as Hugging Face computes it: wavelengths shorter than
+  original_max / high_freq_factor are kept, longer than original_max / low_freq_factor divided by `factor`,
+  and the band between interpolated smoothly."""
+  base, factor = config.rope_max_timescale, config.rope_scaling_factor
+  low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+  original = config.rope_original_max_position
+  inv_freq = rope_base_frequencies(base, head_dim)
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  low_wavelen, high_wavelen = original / low, original / high
+  scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+  smooth = ((original / wavelen - low) / (high - low)).astype(np.float32)
+  smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_frequencies(config, head_dim: int) -> "np.ndarray | None":
+  """The inverse frequencies of `config`'s rope_type (None: the default base^(-2k/E))."""
+  return ROPE_TYPES.get(config.rope_type)(config, head_dim)
+
+
+def rope(x_BLHE: jax.Array, positions_BL: jax.Array, max_timescale: float, inv_freq=None,
+         table_dtype=None) -> jax.Array:
+  """Rotary embedding, half-split (non-interleaved): pairs (x_k, x_{k+E/2}) rotate by pos / base^(2k/E).
+
+  `inv_freq` ([E/2], float32) replaces base^(-2k/E) (RoPE scaling); `table_dtype` rounds cos and sin to
+  that dtype before the float32 rotation (bfloat16: the MUDDFormer release's table).
+  """
   E = x_BLHE.shape[-1]
   half = E // 2
-  inv_freq = max_timescale ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / E)
+  if inv_freq is None:
+    inv_freq = max_timescale ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / E)
+  else:
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
   angle_BL11E = (positions_BL.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None, None, :]
+  cos, sin = jnp.cos(angle_BL11E), jnp.sin(angle_BL11E)
+  if table_dtype is not None:
+    cos, sin = cos.astype(table_dtype).astype(jnp.float32), sin.astype(table_dtype).astype(jnp.float32)
   # View x as its two halves [.., 2, E/2]: the rotation is x*cos + swap(x)*(-sin, +sin), with the swap a
   # reverse of the size-2 axis rather than a concatenation (cheaper forward and backward on CPU).
   x_BLH2E = x_BLHE.astype(jnp.float32).reshape(*x_BLHE.shape[:-1], 2, half)
   sign_21 = jnp.array([[-1.0], [1.0]], jnp.float32)
-  out = x_BLH2E * jnp.cos(angle_BL11E) + jnp.flip(x_BLH2E, axis=-2) * (sign_21 * jnp.sin(angle_BL11E))
+  out = x_BLH2E * cos + jnp.flip(x_BLH2E, axis=-2) * (sign_21 * sin)
   return out.reshape(x_BLHE.shape).astype(x_BLHE.dtype)
 
 

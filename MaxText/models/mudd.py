@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from MaxText.errors import ConfigError
-from MaxText.models import decoder, layers, mudd_dense, register, transformer_pp
+from MaxText.models import decoder, hf_mudd, layers, mudd_dense, register, transformer_pp
 from MaxText.models.layers import BLD
 from MaxText.sharding import constrain
 
@@ -30,7 +30,7 @@ class Layer(nnx.Module):
     D = config.base_emb_dim
     norm = dict(eps=config.normalization_layer_epsilon, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs,
                 use_scale=config.use_norm_gains)
-    self.shared_input = mudd_dense.shared_attention_input(config)
+    self.shared_input = mudd_dense.shared_attention_input(config, index)
     if self.shared_input:
       self.pre_attention_norm = layers.RMSNorm(D, **norm)
     else:
@@ -67,7 +67,9 @@ class MUDDFormer(decoder.Decoder):
   """
 
   config_keys = ("mudd_streams", "mudd_dynamic", "mudd_prepostnorm", "mudd_last_layer_hidden_expand",
-                 "mlp_dim_scale_with_depth")
+                 "mlp_dim_scale_with_depth", "mlp_dim_scale_exact_total", "mudd_generator_activation",
+                 "mudd_generator_round64", "mudd_layer0_shared_norm") + transformer_pp.TransformerPP.config_keys
+  hf_model_type = hf_mudd.MODEL_TYPE
 
   def make_inputs(self, rngs: nnx.Rngs) -> None:
     # The normalised copy of the embedding (X_0) that the pre/post-norm variant aggregates.
@@ -133,7 +135,11 @@ class MUDDFormer(decoder.Decoder):
     if config.scan_layers:
       raise ConfigError("config key 'scan_layers' must be false for decoder_block 'mudd': layer i mixes i + 2 "
                         "states, so the layers are unrolled (docs/mudd.md)")
+    transformer_pp.Attention.validate(config)
     mudd_dense.parse_streams(config.mudd_streams)
+    if config.mudd_generator_activation not in layers.ACTIVATIONS:
+      raise ConfigError(f"config key 'mudd_generator_activation' must be one of {', '.join(layers.ACTIVATIONS.names())}, "
+                        f"got {config.mudd_generator_activation!r}")
     if config.mudd_last_layer_hidden_expand < 1:
       raise ConfigError(f"config key 'mudd_last_layer_hidden_expand' must be >= 1, got "
                         f"{config.mudd_last_layer_hidden_expand}")
@@ -152,3 +158,20 @@ class MUDDFormer(decoder.Decoder):
         C, M = len(mudd_dense.layer_groups(config, i)), mudd_dense.generator_width(config, i)
         matmul += (D * M + M * C * (i + 2)) if C else 0
     return decoder.training_flops(config, matmul) + 6 * mudd_dense.mixing_macs_per_token(config)
+
+  # The released PyTorch MUDDFormer's checkpoints: the mapping is models/hf_mudd.py's.
+  @classmethod
+  def config_from_hf(cls, hf_config):
+    return hf_mudd.config_from_hf(hf_config)
+
+  @classmethod
+  def hf_config(cls, config):
+    return hf_mudd.hf_config(config)
+
+  @classmethod
+  def from_hf(cls, config, tensors):
+    return hf_mudd.from_hf(config, tensors)
+
+  @classmethod
+  def to_hf(cls, config, params):
+    return hf_mudd.to_hf(config, params)

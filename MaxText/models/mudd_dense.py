@@ -51,11 +51,14 @@ def generator_width(config, layer: int) -> int:
   """Hidden width M of the weight generator after `layer`: C*J (x the last-layer expansion), rounded up."""
   C, J = len(layer_groups(config, layer)), layer + 2
   expand = config.mudd_last_layer_hidden_expand if layer == config.base_num_decoder_layers - 1 else 1
+  if not config.mudd_generator_round64:
+    return C * J * expand
   return (C * J * expand // GENERATOR_ROUND + 1) * GENERATOR_ROUND
 
 
 def mlp_widths(config) -> list[int]:
-  """Per-layer MLP widths: base_mlp_dim everywhere, or 0.5x -> 1.5x over depth (FFN re-allocation)."""
+  """Per-layer MLP widths: base_mlp_dim everywhere, or 0.5x -> 1.5x over depth (FFN re-allocation), whose total
+  must be N x base_mlp_dim unless mlp_dim_scale_exact_total is false (the release does not check it)."""
   N, F = config.base_num_decoder_layers, config.base_mlp_dim
   if not config.mlp_dim_scale_with_depth:
     return [F] * N
@@ -64,17 +67,20 @@ def mlp_widths(config) -> list[int]:
   # Python's round (half to even) as the reference, so the widths match its checkpoints.
   widths = [round(F * (i / (N - 1) + 0.5) / MLP_ROUND) * MLP_ROUND for i in range(N)]
   problem = "a width of 0" if min(widths) <= 0 else f"a total of {sum(widths)}, not {N * F}"
-  if min(widths) <= 0 or sum(widths) != N * F:
+  if min(widths) <= 0 or (config.mlp_dim_scale_exact_total and sum(widths) != N * F):
     raise ConfigError(
         f"config key 'mlp_dim_scale_with_depth': base_mlp_dim={F} over {N} layers, rounded to {MLP_ROUND}, gives "
         f"{problem} (widths {widths[0]}..{widths[-1]}); pick another base_mlp_dim")
   return widths
 
 
-def shared_attention_input(config) -> bool:
-  """Whether q, k and v always read one tensor (one group holds all three, or none is aggregated)."""
+def shared_attention_input(config, layer: int | None = None) -> bool:
+  """Whether q, k and v read one tensor through one norm: always when one group holds all three or none is
+  aggregated; at layer 0 (whose inputs are all the embedding) also with mudd_layer0_shared_norm."""
   groups = parse_streams(config.mudd_streams)
-  return any(set("qkv") <= set(g) for g in groups) or not any(s in g for g in groups for s in "qkv")
+  if any(set("qkv") <= set(g) for g in groups) or not any(s in g for g in groups for s in "qkv"):
+    return True
+  return layer == 0 and config.mudd_layer0_shared_norm
 
 
 def mixing_macs_per_token(config) -> int:
@@ -96,6 +102,7 @@ class DenseConnection(nnx.Module):
     gains = prepost and config.use_norm_gains
     norm = dict(eps=config.normalization_layer_epsilon, dtype=self.dtype, weight_dtype=weight_dtype, rngs=rngs)
     self.dynamic = config.mudd_dynamic
+    self.activation = layers.ACTIVATIONS.get(config.mudd_generator_activation)
     if self.dynamic:
       M = generator_width(config, layer)
       # As the reference: the generator's norm has a learnable scale only with the pre/post norms.
@@ -123,7 +130,7 @@ class DenseConnection(nnx.Module):
     bias_CJ = self.bias[...].astype(dt)
     if not self.dynamic:
       return bias_CJ
-    h_BLM = jax.nn.gelu(jnp.einsum("bld,dm->blm", self.generator_norm(x_BLD), self.w1[...].astype(dt)))
+    h_BLM = self.activation(jnp.einsum("bld,dm->blm", self.generator_norm(x_BLD), self.w1[...].astype(dt)))
     w_BLCJ = jnp.einsum("blm,mcj->blcj", h_BLM, self.w2[...].astype(dt)) + bias_CJ
     return constrain(w_BLCJ, BLCJ)
 

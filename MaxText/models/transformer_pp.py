@@ -13,6 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import parametrization
+from MaxText.errors import ConfigError
 from MaxText.models import attention, decoder, hf_llama, layers, register
 from MaxText.models.layers import BLD, BLHE, BLKE
 from MaxText.sharding import constrain
@@ -29,6 +30,9 @@ class Attention(nnx.Module):
     self.dtype, weight_dtype = layers.dtypes(config)
     init = layers.normal(config.init_weights_std)
     self.rope_max_timescale = config.rope_max_timescale
+    inv_freq = layers.rope_frequencies(config, E)  # None: the default base^(-2k/E)
+    self.inv_freq = None if inv_freq is None else tuple(float(f) for f in inv_freq)  # static, not a parameter
+    self.rope_table_dtype = None if config.rope_table_dtype == "float32" else jnp.dtype(config.rope_table_dtype)
     self.implementation = config.attention
     self.scale = parametrization.attention_scale(config, E)
     hidden = dict(role="hidden", dtype=weight_dtype)
@@ -36,6 +40,23 @@ class Attention(nnx.Module):
     self.wk = layers.param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"), fan_in=D, **hidden)
     self.wv = layers.param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"), fan_in=D, **hidden)
     self.wo = layers.param(rngs, init, (H, E, D), ("heads", "head_dim", "embed"), fan_in=H * E, **hidden)
+    # qk_rmsnorm: one [E] gain shared by every head, on queries and on keys, before RoPE (the MUDDFormer release).
+    if config.qk_rmsnorm:
+      norm = dict(eps=config.normalization_layer_epsilon, dtype=self.dtype, weight_dtype=weight_dtype, rngs=rngs)
+      self.q_norm, self.k_norm = layers.RMSNorm(E, **norm), layers.RMSNorm(E, **norm)
+    else:
+      self.q_norm = self.k_norm = None
+
+  @staticmethod
+  def validate(config) -> None:
+    """The RoPE keys' values (the families that use this attention call it)."""
+    if config.rope_type == "llama3":
+      if config.rope_scaling_factor <= 0 or config.rope_original_max_position <= 0:
+        raise ConfigError("config keys 'rope_scaling_factor' and 'rope_original_max_position' must be positive "
+                          "for rope_type llama3")
+      if not 0 < config.rope_low_freq_factor < config.rope_high_freq_factor:
+        raise ConfigError(f"config keys 'rope_low_freq_factor'={config.rope_low_freq_factor} and "
+                          f"'rope_high_freq_factor'={config.rope_high_freq_factor} must satisfy 0 < low < high")
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, key_segment_BS=None, stats=None,
                xk_BLD=None, xv_BLD=None):
@@ -45,8 +66,11 @@ class Attention(nnx.Module):
     q_BLHE = checkpoint_name(jnp.einsum("bld,dhe->blhe", x_BLD, self.wq[...].astype(dt)), "query_proj")
     k_BLKE = checkpoint_name(jnp.einsum("bld,dke->blke", xk_BLD, self.wk[...].astype(dt)), "key_proj")
     v_BLKE = checkpoint_name(jnp.einsum("bld,dke->blke", xv_BLD, self.wv[...].astype(dt)), "value_proj")
-    q_BLHE = constrain(layers.rope(q_BLHE, positions_BL, self.rope_max_timescale), BLHE)
-    k_BLKE = constrain(layers.rope(k_BLKE, positions_BL, self.rope_max_timescale), BLKE)
+    if self.q_norm is not None:
+      q_BLHE, k_BLKE = self.q_norm(q_BLHE), self.k_norm(k_BLKE)
+    rope = dict(max_timescale=self.rope_max_timescale, inv_freq=self.inv_freq, table_dtype=self.rope_table_dtype)
+    q_BLHE = constrain(layers.rope(q_BLHE, positions_BL, **rope), BLHE)
+    k_BLKE = constrain(layers.rope(k_BLKE, positions_BL, **rope), BLKE)
     v_BLKE = constrain(v_BLKE, BLKE)
     out_BLD, cache = attention.self_attention(
         q_BLHE, k_BLKE, v_BLKE, positions_BL, segment_ids_BL, cache, key_segment_BS, scale=self.scale,
@@ -82,6 +106,14 @@ class TransformerPP(decoder.Decoder):
   """Embedding -> N pre-norm decoder layers (scanned or unrolled) -> RMSNorm -> vocabulary logits."""
 
   Block = DecoderLayer
+  # Keys that Transformer++ and MUDD (whose blocks use this file's Attention) read, and no other family.
+  config_keys = ("rope_type", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max_position", "rope_table_dtype", "qk_rmsnorm")
+  hf_model_type = hf_llama.MODEL_TYPE
+
+  @classmethod
+  def validate(cls, config) -> None:
+    Attention.validate(config)
 
   @staticmethod
   def flops_per_token(config) -> float:
