@@ -188,5 +188,7 @@ def test_the_default_models_first_20_losses_are_unchanged(tmp_path):
   train.train_and_evaluate(config, progress=False)
   rows = [json.loads(line) for line in Path(config.run_dir, "metrics.jsonl").read_text().splitlines()]
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  # Bit for bit on the machine they were recorded on; the tolerance allows another CPU's instruction set.
-  np.testing.assert_allclose(losses, GOLDEN_LOSSES, rtol=1e-5, atol=0)
+  # Bit for bit on the machine they were recorded on. Another CPU's instruction set (other vector widths in
+  # XLA's reductions) moves them: 1.3e-5 relative by step 20 on a second machine of the same kind, growing
+  # with the steps. A change of structure that alters the maths moves them by far more (1e-3 and up).
+  np.testing.assert_allclose(losses, GOLDEN_LOSSES, rtol=1e-4, atol=0)
