@@ -5,10 +5,17 @@ A kernel is a function registered in IMPLEMENTATIONS:
 where `mask` is a `Mask` (segment ids and positions of queries and keys: `mask.dense()` is the [B, L, S]
 boolean a plain kernel needs, while fused kernels can read the segment ids themselves). Scores and
 softmax are float32; keys and values may have fewer heads (K) than queries (H).
+
+A kernel with requirements declares them with `@requires(check, bias=...)`: `check(config)` raises a
+one-line ConfigError when the machine or the config cannot run it (`validation.validate` calls it, so the
+run stops before anything is traced), and `bias=False` says it cannot add a score bias (a family that adds
+one, e.g. ALiBi, refuses such a kernel in its own `validate`). The fused kernels live in their own modules
+(attention_cudnn.py, attention_splash.py), loaded with the registry.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, NamedTuple
 
 import jax
@@ -20,7 +27,36 @@ from MaxText.registry import Registry
 # Large but finite, so that a fully masked row gives a uniform softmax rather than NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLEMENTATIONS = Registry("attention", "attention kernel")
+
+
+def _import_kernels() -> None:
+  for name in ("attention_cudnn", "attention_splash"):
+    importlib.import_module(f"MaxText.models.{name}")
+
+
+IMPLEMENTATIONS = Registry("attention", "attention kernel", load=_import_kernels)
+
+
+def requires(check: Callable | None = None, *, bias: bool = True) -> Callable:
+  """Decorator of a kernel: its validation-time `check(config)` and whether it takes `bias_BHLS`."""
+
+  def mark(kernel):
+    kernel.check_config, kernel.accepts_bias = check, bias
+    return kernel
+
+  return mark
+
+
+def check_config(config) -> None:
+  """The configured kernel's own requirements (machine, dtype, lengths): a one-line ConfigError if unmet."""
+  check = getattr(IMPLEMENTATIONS.get(config.attention), "check_config", None)
+  if check is not None:
+    check(config)
+
+
+def accepts_bias(name: str) -> bool:
+  """Whether kernel `name` can add a score bias (ALiBi)."""
+  return getattr(IMPLEMENTATIONS.get(name), "accepts_bias", True)
 
 
 class Mask(NamedTuple):
@@ -35,6 +71,14 @@ class Mask(NamedTuple):
   def dense(self) -> jax.Array:
     """[B, L, S] bool."""
     return attention_mask(self.q_segment_BL, self.q_position_BL, self.k_segment_BS, self.k_position_BS)
+
+  @property
+  def is_self_attention(self) -> bool:
+    """Whether the keys are the queries' own tokens (training, evaluation), not a decode cache's slots.
+    `keys_and_mask` builds such a mask from the very same arrays, so the test is by identity, at trace
+    time. Then, since positions grow along each packed document, key order and position order agree,
+    which lets fused kernels apply causality by index."""
+    return self.k_segment_BS is self.q_segment_BL and self.k_position_BS is self.q_position_BL
 
 
 def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> jax.Array:

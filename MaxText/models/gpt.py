@@ -264,6 +264,9 @@ class GPT(decoder.Decoder):
       raise ConfigError(f"config key 'sgu_band_width' must not be negative, got {config.sgu_band_width}")
     if config.head_qk_dim <= 0:
       raise ConfigError(f"config key 'head_qk_dim' must be positive, got {config.head_qk_dim}")
+    if config.alibi and not attention.accepts_bias(config.attention):
+      raise ConfigError(f"alibi adds a bias to the attention scores, which attention={config.attention!r} cannot "
+                        f"take; use attention=dot_product, autoselected or cudnn_flash")
 
   @staticmethod
   def flops_per_token(config) -> float:
