@@ -418,6 +418,11 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
       raise ConfigError(
           f"base_num_query_heads={heads} does not divide base_emb_dim={width}; set head_dim explicitly")
     v["head_dim"] = width // heads
+  if v["num_vocab_tiling"] < 1 or v["max_target_length"] % v["num_vocab_tiling"]:
+    raise ConfigError(f"config key 'num_vocab_tiling' must be a positive divisor of max_target_length="
+                      f"{v['max_target_length']}, got {v['num_vocab_tiling']}")
+  if v["num_vocab_tiling"] > 1 and v["record_activations"]:
+    raise ConfigError("record_activations measures the whole logits: set num_vocab_tiling=1")
   if heads % kv_heads:
     raise ConfigError(f"base_num_kv_heads={kv_heads} must divide base_num_query_heads={heads}")
 

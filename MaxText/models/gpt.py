@@ -210,6 +210,12 @@ class GPT(decoder.Decoder):
     copy_BLV, head_cache = self.head_qk_logits(h_BLD, tokens_BL, positions_BL, segment_ids_BL, cache, key_segment_BS)
     return logits_BLV + copy_BLV, head_cache
 
+  @classmethod
+  def cannot_chunk_logits(cls, config) -> str | None:
+    if config.head_qk:
+      return "head_qk adds logits that depend on the earlier tokens of the whole sequence"
+    return None
+
   def head_qk_logits(self, h_BLD, tokens_BL, positions_BL, segment_ids_BL, cache, key_segment_BS):
     """logits_i[v] += sum over visible j (causal, diagonal included, same document) with x_j = v of
     q_i.k_j / R: no softmax, so it can raise or lower a token seen earlier in proportion to the match."""
