@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from MaxText.models.layers import mean_abs
+from MaxText.models.layers import einsum_f32, mean_abs
 from MaxText.registry import Registry
 
 # Large but finite, so that a fully masked row gives a uniform softmax rather than NaN.
@@ -90,7 +90,9 @@ def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> 
 
 @IMPLEMENTATIONS.register("autoselected")
 def autoselected(q_BLHE, k_BSKE, v_BSKE, mask: Mask, *, scale: float, bias_BHLS=None) -> jax.Array:
-  """jax.nn.dot_product_attention (XLA on CPU, cuDNN where it applies); with a bias, the plain kernel."""
+  """jax.nn.dot_product_attention with its default implementation (XLA in this JAX version); with a bias,
+  the plain kernel. In bfloat16 its backward pass multiplies float32 score gradients (XLA's choice, not
+  ours); dot_product, cudnn_flash and splash keep every attention matmul in bfloat16."""
   if bias_BHLS is not None:
     return dot_product(q_BLHE, k_BSKE, v_BSKE, mask, scale=scale, bias_BHLS=bias_BHLS)
   return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask.dense()[:, None], scale=scale)
@@ -102,7 +104,7 @@ def dot_product(q_BLHE, k_BSKE, v_BSKE, mask: Mask, *, scale: float, bias_BHLS=N
   B, L, H, E = q_BLHE.shape
   K = k_BSKE.shape[2]
   q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
-  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
+  s_BKGLS = einsum_f32("blkge,bske->bkgls", q_BLKGE, k_BSKE) * scale
   if bias_BHLS is not None:
     s_BKGLS = s_BKGLS + bias_BHLS.reshape(B, K, H // K, *bias_BHLS.shape[2:]).astype(jnp.float32)
   s_BKGLS = jnp.where(mask.dense()[:, None, None], s_BKGLS, MASK_VALUE)

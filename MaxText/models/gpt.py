@@ -232,7 +232,7 @@ class GPT(decoder.Decoder):
       key_positions_BS = attention.slot_positions(key_segment_BS)
       head_cache = {"head_k": k_BSR, "tokens": tokens_BS}
     mask_BLS = attention.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
-    c_BLS = jnp.einsum("blr,bsr->bls", q_BLR, k_BSR, preferred_element_type=jnp.float32) / R
+    c_BLS = layers.einsum_f32("blr,bsr->bls", q_BLR, k_BSR) / R
     c_BLS = jnp.where(mask_BLS, c_BLS, 0.0)
     # A scatter-add into the vocabulary instead of c @ one_hot(x): the one-hot would be as large as the logits.
     L = c_BLS.shape[1]
