@@ -13,12 +13,16 @@ from MaxText import metrics, profiler, train
 from MaxText.errors import ConfigError
 
 
+# A given MFU denominator: the run skips measuring the CPU's matmul peak (seconds on a busy machine).
+RUN = dict(profiler="xplane", skip_first_n_steps_for_profiler=1, steps=4, peak_tflops_per_device=1.0)
+
+
 def _traces(config):
   return glob.glob(os.path.join(config.tensorboard_dir, "plugins", "profile", "*", "*.xplane.pb"))
 
 
 def test_a_tiny_run_writes_its_trace_into_the_tensorboard_folder(make_config):
-  config = make_config(profiler="xplane", skip_first_n_steps_for_profiler=1, profiler_steps=2, steps=4)
+  config = make_config(profiler_steps=2, **RUN)
   train.train_and_evaluate(config, progress=False)
   traces = _traces(config)
   assert len(traces) == 1, traces
@@ -28,7 +32,7 @@ def test_a_tiny_run_writes_its_trace_into_the_tensorboard_folder(make_config):
 
 
 def test_a_run_that_fails_inside_the_window_stops_the_trace(make_config, monkeypatch, tmp_path):
-  config = make_config(profiler="xplane", skip_first_n_steps_for_profiler=1, profiler_steps=5, steps=4)
+  config = make_config(profiler_steps=5, **RUN)
   add = metrics.MetricWindow.add
   calls = []
 
