@@ -381,6 +381,10 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
       if not v[key] > 0:
         raise ConfigError(f"config key {key!r} must be positive, got {v[key]}")
 
+  positive("profiler_steps")
+  if v["skip_first_n_steps_for_profiler"] < 0:
+    raise ConfigError(f"config key 'skip_first_n_steps_for_profiler' must not be negative, got "
+                      f"{v['skip_first_n_steps_for_profiler']}")
   positive("steps", "log_period", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads",
            "base_num_kv_heads", "vocab_size", "max_target_length", "gradient_accumulation_steps",
            "per_device_batch_size", "learning_rate")
@@ -397,11 +401,12 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
       "dtype": ("float32", "bfloat16"), "weight_dtype": ("float32", "bfloat16"),
       "mode": ("train", "validation", "test"), "jax_distributed_initialization": ("auto", "on", "off"),
       "parametrization": ("sp", "mup"), "data_shuffle": ("global", "window"),
-      "rope_table_dtype": ("float32", "bfloat16"),
+      "rope_table_dtype": ("float32", "bfloat16"), "profiler": ("", "xplane"),
   }
   for key, allowed in choices.items():
     if v[key] not in allowed:
-      raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {v[key]!r}{_closest(v[key], allowed)}")
+      shown = ", ".join(a or '""' for a in allowed)
+      raise ConfigError(f"config key {key!r} must be one of {shown}; got {v[key]!r}{_closest(v[key], allowed)}")
   if not v["run_name"] or "/" in v["run_name"]:
     raise ConfigError(f"config key 'run_name' must be a non-empty name without '/', got {v['run_name']!r}")
   if not v["mlp_activations"] or len(v["mlp_activations"]) > 2:
@@ -419,6 +424,11 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
       raise ConfigError(
           f"base_num_query_heads={heads} does not divide base_emb_dim={width}; set head_dim explicitly")
     v["head_dim"] = width // heads
+  if v["num_vocab_tiling"] < 1 or v["max_target_length"] % v["num_vocab_tiling"]:
+    raise ConfigError(f"config key 'num_vocab_tiling' must be a positive divisor of max_target_length="
+                      f"{v['max_target_length']}, got {v['num_vocab_tiling']}")
+  if v["num_vocab_tiling"] > 1 and v["record_activations"]:
+    raise ConfigError("record_activations measures the whole logits: set num_vocab_tiling=1")
   if heads % kv_heads:
     raise ConfigError(f"base_num_kv_heads={kv_heads} must divide base_num_query_heads={heads}")
 

@@ -119,6 +119,11 @@ def use_mesh(mesh: Mesh, rules: Rules):
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the innermost `use_mesh`, or None: for code that must build its own shard_map."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   """with_sharding_constraint by logical names under the active mesh; identity without one."""
   active = _ACTIVE.get()

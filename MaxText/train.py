@@ -146,7 +146,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   """Train `config.steps` steps (resuming the run if it has checkpoints); returns the last metrics."""
   import jax  # noqa: PLC0415
 
-  from MaxText import checkpointing, metrics, sharding, train_step  # noqa: PLC0415
+  from MaxText import checkpointing, metrics, profiler, sharding, train_step  # noqa: PLC0415
 
   run = Run(config)
   family = _family(config)
@@ -157,7 +157,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   # leave an empty run behind).
   created = [d for d in (config.run_dir, config.checkpoint_dir) if not os.path.exists(d)]
   with sharding.use_mesh(run.mesh, run.rules), _StopFlag() as stop:
-    checkpointer = logger = None
+    checkpointer = logger = trace = None
     completed = False
     try:
       train_data = run.data(config.train_split)
@@ -195,6 +195,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
       logger.message(f"compiled the train step in {result['compile_seconds']:.1f} s")
 
       step = start_step
+      trace = profiler.Profiler(config, start_step, logger.message)
       window = metrics.MetricWindow(step, tokens_per_step, flops_per_token, config.num_devices, peak)
 
       def log_window():
@@ -205,10 +206,12 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
           result.update(step=logged_step, **row)
 
       while step < config.steps:
+        trace.maybe_start(step)
         if step > start_step:
           batch = _global_batch(next(train_data), run.batch_sharding)
         state, step_metrics = step_fn(state, batch)
         step += 1
+        trace.maybe_stop(step, step_metrics)
         log_window()  # the previous window's values, now that this step is queued behind them
         window.add(step_metrics)
         if step % config.log_period == 0 or step == config.steps:
@@ -236,6 +239,8 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
       completed = True
       return result
     finally:
+      if trace is not None:
+        trace.close()
       if checkpointer is not None:
         checkpointer.close()
       if logger is not None:

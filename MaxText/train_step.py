@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from MaxText import cross_entropy
 from MaxText.optimizers import STATISTICS_ROLES
 from MaxText.train_state import ModelSpec, bind
 
@@ -15,17 +16,14 @@ BATCH_KEYS = ("inputs", "targets", "inputs_position", "inputs_segmentation", "ta
 SUM_KEYS = ("nll_sum", "z_loss_sum", "aux_loss_sum", "tokens")
 
 
-def loss_sums(model, batch: dict, z_loss_multiplier: float) -> tuple[jax.Array, dict]:
+def loss_sums(model, batch: dict, z_loss_multiplier: float, vocab_tiles: int = 1) -> tuple[jax.Array, dict]:
   """Summed (not averaged) objective over the batch's target tokens, and the sums behind it.
 
   Sums make micro-batches add up exactly: the mean is taken once, over every token of the step.
+  `vocab_tiles` > 1 computes the cross-entropy chunk by chunk (cross_entropy.py).
   """
-  logits_BLV, aux = model(batch["inputs"], batch["inputs_position"], batch["inputs_segmentation"])
   mask_BL = (batch["targets_segmentation"] != 0).astype(jnp.float32)
-  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_logit_BL = jnp.take_along_axis(logits_BLV, batch["targets"][..., None], axis=-1)[..., 0]
-  nll_sum = jnp.sum((logz_BL - target_logit_BL) * mask_BL)
-  z_loss_sum = z_loss_multiplier * jnp.sum(jnp.square(logz_BL) * mask_BL)
+  nll_sum, z_loss_sum, aux = cross_entropy.sums(model, batch, mask_BL, z_loss_multiplier, vocab_tiles)
   tokens = jnp.sum(mask_BL)
   # A family's extra loss is a per-token mean; weighting by tokens keeps accumulation exact.
   aux_loss_sum = jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32) * tokens
@@ -49,7 +47,7 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
   per_token = jax.tree.map(lambda role: role not in STATISTICS_ROLES, spec.roles)
 
   def grad_sums(params, batch):
-    fn = lambda p: loss_sums(bind(spec, p), batch, z_loss)  # noqa: E731
+    fn = lambda p: loss_sums(bind(spec, p), batch, z_loss, config.num_vocab_tiling)  # noqa: E731
     (_, sums), grads = jax.value_and_grad(fn, has_aux=True)(params)
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads), sums
 
@@ -90,7 +88,7 @@ def make_eval_step(config, spec: ModelSpec, token_bytes=None) -> Callable[[dict,
   bytes the target tokens stand for, the denominator of bits per byte."""
 
   def eval_step(params: dict, batch: dict) -> dict:
-    _, sums = loss_sums(bind(spec, params), batch, config.z_loss_multiplier)
+    _, sums = loss_sums(bind(spec, params), batch, config.z_loss_multiplier, config.num_vocab_tiling)
     out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
     if token_bytes is not None:
       bytes_BL = jnp.take(jnp.asarray(token_bytes, jnp.float32), batch["targets"], axis=0)

@@ -34,6 +34,7 @@ def validate(config) -> None:
       reg.check(name)
   parametrization.validate(config)
   models.check_config(config, pyconfig.schema())
+  attention.check_config(config)
   batch_ways = sharding.batch_shards(config)
   for key in ("micro_batch_size", "eval_batch_size"):
     if getattr(config, key) % batch_ways:

@@ -13,6 +13,12 @@ A family class is an `nnx.Module` with
   config_keys                 (class attribute) the base_v2.yml keys only this family reads (or it and the
                               other families that list them too); another family's run that sets one away
                               from its default is a config error
+and, for the chunked loss (`num_vocab_tiling` > 1: the output projection and the loss run over length
+chunks, so the [B, L, V] logits never exist at once):
+  hidden(tokens_BL, positions_BL, segment_ids_BL) -> (h_BLD, aux)   the training forward pass up to the
+                              output projection, with the same aux as __call__
+  logits(h_BLD) -> logits_BLV float32, position by position, so that logits(hidden(...)[0]) == __call__'s
+  cannot_chunk_logits(config) (classmethod) None, or why this family (with this config) cannot be chunked
 and, optionally, checkpoint conversion to and from another code base's flat {name: tensor} layout
 (`convert_checkpoint.py` only dispatches to these):
   hf_model_type               (class attribute) the config.json `model_type` this family converts ("" none)
@@ -62,6 +68,12 @@ class ModelFamily(nnx.Module):
   @staticmethod
   def flops_per_token(config) -> float:
     raise NotImplementedError
+
+  @classmethod
+  def cannot_chunk_logits(cls, config) -> str | None:
+    """None when `logits(hidden(...)[0])` are the model's logits, position by position; else why not."""
+    del config
+    return f"model family {cls.family_name!r} does not split its hidden states from its logits"
 
   def init_cache(self, batch: int, max_length: int):
     raise ConfigError(f"model family {type(self).__name__} has no decode cache")
@@ -117,6 +129,9 @@ def check_config(config, defaults: dict) -> None:
       if getattr(config, key) != defaults[key]:
         raise ConfigError(f"config key {key!r}={getattr(config, key)!r} applies to decoder_block {name!r} only; "
                           f"model {config.model_name!r} is decoder_block {config.decoder_block!r}")
+  if config.num_vocab_tiling > 1 and (reason := family.cannot_chunk_logits(config)):
+    raise ConfigError(f"num_vocab_tiling={config.num_vocab_tiling} computes the loss chunk by chunk, but {reason}; "
+                      f"set num_vocab_tiling=1")
   family.validate(config)
 
 

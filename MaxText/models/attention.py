@@ -5,22 +5,58 @@ A kernel is a function registered in IMPLEMENTATIONS:
 where `mask` is a `Mask` (segment ids and positions of queries and keys: `mask.dense()` is the [B, L, S]
 boolean a plain kernel needs, while fused kernels can read the segment ids themselves). Scores and
 softmax are float32; keys and values may have fewer heads (K) than queries (H).
+
+A kernel with requirements declares them with `@requires(check, bias=...)`: `check(config)` raises a
+one-line ConfigError when the machine or the config cannot run it (`validation.validate` calls it, so the
+run stops before anything is traced), and `bias=False` says it cannot add a score bias (a family that adds
+one, e.g. ALiBi, refuses such a kernel in its own `validate`). The fused kernels live in their own modules
+(attention_cudnn.py, attention_splash.py), loaded with the registry.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from MaxText.models.layers import mean_abs
+from MaxText.models.layers import einsum_f32, mean_abs
 from MaxText.registry import Registry
 
 # Large but finite, so that a fully masked row gives a uniform softmax rather than NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLEMENTATIONS = Registry("attention", "attention kernel")
+
+
+def _import_kernels() -> None:
+  for name in ("attention_cudnn", "attention_splash"):
+    importlib.import_module(f"MaxText.models.{name}")
+
+
+IMPLEMENTATIONS = Registry("attention", "attention kernel", load=_import_kernels)
+
+
+def requires(check: Callable | None = None, *, bias: bool = True) -> Callable:
+  """Decorator of a kernel: its validation-time `check(config)` and whether it takes `bias_BHLS`."""
+
+  def mark(kernel):
+    kernel.check_config, kernel.accepts_bias = check, bias
+    return kernel
+
+  return mark
+
+
+def check_config(config) -> None:
+  """The configured kernel's own requirements (machine, dtype, lengths): a one-line ConfigError if unmet."""
+  check = getattr(IMPLEMENTATIONS.get(config.attention), "check_config", None)
+  if check is not None:
+    check(config)
+
+
+def accepts_bias(name: str) -> bool:
+  """Whether kernel `name` can add a score bias (ALiBi)."""
+  return getattr(IMPLEMENTATIONS.get(name), "accepts_bias", True)
 
 
 class Mask(NamedTuple):
@@ -36,6 +72,14 @@ class Mask(NamedTuple):
     """[B, L, S] bool."""
     return attention_mask(self.q_segment_BL, self.q_position_BL, self.k_segment_BS, self.k_position_BS)
 
+  @property
+  def is_self_attention(self) -> bool:
+    """Whether the keys are the queries' own tokens (training, evaluation), not a decode cache's slots.
+    `keys_and_mask` builds such a mask from the very same arrays, so the test is by identity, at trace
+    time. Then, since positions grow along each packed document, key order and position order agree,
+    which lets fused kernels apply causality by index."""
+    return self.k_segment_BS is self.q_segment_BL and self.k_position_BS is self.q_position_BL
+
 
 def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> jax.Array:
   """[B, L, S] bool: same document (segment id) and not in the future (position order)."""
@@ -46,7 +90,9 @@ def attention_mask(q_segment_BL, q_position_BL, k_segment_BS, k_position_BS) -> 
 
 @IMPLEMENTATIONS.register("autoselected")
 def autoselected(q_BLHE, k_BSKE, v_BSKE, mask: Mask, *, scale: float, bias_BHLS=None) -> jax.Array:
-  """jax.nn.dot_product_attention (XLA on CPU, cuDNN where it applies); with a bias, the plain kernel."""
+  """jax.nn.dot_product_attention with its default implementation (XLA in this JAX version); with a bias,
+  the plain kernel. In bfloat16 its backward pass multiplies float32 score gradients (XLA's choice, not
+  ours); dot_product, cudnn_flash and splash keep every attention matmul in bfloat16."""
   if bias_BHLS is not None:
     return dot_product(q_BLHE, k_BSKE, v_BSKE, mask, scale=scale, bias_BHLS=bias_BHLS)
   return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask.dense()[:, None], scale=scale)
@@ -58,7 +104,7 @@ def dot_product(q_BLHE, k_BSKE, v_BSKE, mask: Mask, *, scale: float, bias_BHLS=N
   B, L, H, E = q_BLHE.shape
   K = k_BSKE.shape[2]
   q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
-  s_BKGLS = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
+  s_BKGLS = einsum_f32("blkge,bske->bkgls", q_BLKGE, k_BSKE) * scale
   if bias_BHLS is not None:
     s_BKGLS = s_BKGLS + bias_BHLS.reshape(B, K, H // K, *bias_BHLS.shape[2:]).astype(jnp.float32)
   s_BKGLS = jnp.where(mask.dense()[:, None, None], s_BKGLS, MASK_VALUE)

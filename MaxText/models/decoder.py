@@ -70,6 +70,30 @@ class Decoder(ModelFamily):
   # --- The forward pass ---
 
   def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None):
+    h_BLD, aux, key_segment_BS = self.trunk(tokens_BL, positions_BL, segment_ids_BL, cache)
+    logits_BLV = self.logits(h_BLD)
+    if self.config.record_activations:
+      aux["activations"]["logits"] = layers.mean_abs(logits_BLV)
+    logits_BLV, head_cache = self.head(h_BLD, logits_BLV, tokens_BL, positions_BL, segment_ids_BL, cache,
+                                       key_segment_BS)
+    if cache is not None:
+      aux["cache"].update(head_cache)
+    return constrain(logits_BLV, BLV), aux
+
+  def hidden(self, tokens_BL, positions_BL, segment_ids_BL):
+    """(h_BLD, aux) of a training forward pass: the final hidden states, whose `logits(h_BLD)` are the
+    model's logits when the family adds no head (see `cannot_chunk_logits`)."""
+    h_BLD, aux, _ = self.trunk(tokens_BL, positions_BL, segment_ids_BL, None)
+    return h_BLD, aux
+
+  @classmethod
+  def cannot_chunk_logits(cls, config) -> str | None:
+    del config
+    return None
+
+  def trunk(self, tokens_BL, positions_BL, segment_ids_BL, cache):
+    """Embedding, layers, final norm -> (h_BLD, aux, the cache slots' segment ids or None); aux holds the
+    layers' new cache and the recorded sites when there are any."""
     record = self.config.record_activations
     x_BLD = constrain(self.embed_tokens(tokens_BL, positions_BL), BLD)
     embed_size = layers.mean_abs(x_BLD) if record else None
@@ -80,14 +104,11 @@ class Decoder(ModelFamily):
     x_BLD, layer_cache, layer_stats, aux = self.run_layers(x_BLD, positions_BL, segment_ids_BL, layer_cache,
                                                            key_segment_BS, record)
     h_BLD = self.final_norm(x_BLD)
-    logits_BLV = self.logits(h_BLD)
     if record:  # per-layer sites are [N] arrays (one entry per layer)
-      aux["activations"] = {"embed": embed_size, **layer_stats, "logits": layers.mean_abs(logits_BLV)}
-    logits_BLV, head_cache = self.head(h_BLD, logits_BLV, tokens_BL, positions_BL, segment_ids_BL, cache,
-                                       key_segment_BS)
+      aux["activations"] = {"embed": embed_size, **layer_stats}
     if cache is not None:
-      aux["cache"] = {"layers": layer_cache, "segment_ids": key_segment_BS, **head_cache}
-    return constrain(logits_BLV, BLV), aux
+      aux["cache"] = {"layers": layer_cache, "segment_ids": key_segment_BS}
+    return h_BLD, aux, key_segment_BS
 
   def embed_tokens(self, tokens_BL, positions_BL):
     del positions_BL

@@ -210,6 +210,12 @@ class GPT(decoder.Decoder):
     copy_BLV, head_cache = self.head_qk_logits(h_BLD, tokens_BL, positions_BL, segment_ids_BL, cache, key_segment_BS)
     return logits_BLV + copy_BLV, head_cache
 
+  @classmethod
+  def cannot_chunk_logits(cls, config) -> str | None:
+    if config.head_qk:
+      return "head_qk adds logits that depend on the earlier tokens of the whole sequence"
+    return None
+
   def head_qk_logits(self, h_BLD, tokens_BL, positions_BL, segment_ids_BL, cache, key_segment_BS):
     """logits_i[v] += sum over visible j (causal, diagonal included, same document) with x_j = v of
     q_i.k_j / R: no softmax, so it can raise or lower a token seen earlier in proportion to the match."""
@@ -226,7 +232,7 @@ class GPT(decoder.Decoder):
       key_positions_BS = attention.slot_positions(key_segment_BS)
       head_cache = {"head_k": k_BSR, "tokens": tokens_BS}
     mask_BLS = attention.attention_mask(segment_ids_BL, positions_BL, key_segment_BS, key_positions_BS)
-    c_BLS = jnp.einsum("blr,bsr->bls", q_BLR, k_BSR, preferred_element_type=jnp.float32) / R
+    c_BLS = layers.einsum_f32("blr,bsr->bls", q_BLR, k_BSR) / R
     c_BLS = jnp.where(mask_BLS, c_BLS, 0.0)
     # A scatter-add into the vocabulary instead of c @ one_hot(x): the one-hot would be as large as the logits.
     L = c_BLS.shape[1]
@@ -264,6 +270,9 @@ class GPT(decoder.Decoder):
       raise ConfigError(f"config key 'sgu_band_width' must not be negative, got {config.sgu_band_width}")
     if config.head_qk_dim <= 0:
       raise ConfigError(f"config key 'head_qk_dim' must be positive, got {config.head_qk_dim}")
+    if config.alibi and not attention.accepts_bias(config.attention):
+      raise ConfigError(f"alibi adds a bias to the attention scores, which attention={config.attention!r} cannot "
+                        f"take; use attention=dot_product, autoselected or cudnn_flash")
 
   @staticmethod
   def flops_per_token(config) -> float:

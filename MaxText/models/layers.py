@@ -18,6 +18,7 @@ coordinate check) they put mean |activation| of their sites in it; when it is No
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -196,7 +197,7 @@ class Embed(nnx.Module):
 
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     w_VD = self.embedding[...].astype(x_BLD.dtype)
-    return jnp.einsum("bld,vd->blv", x_BLD, w_VD, preferred_element_type=jnp.float32)
+    return einsum_f32("bld,vd->blv", x_BLD, w_VD)
 
 
 class MLP(nnx.Module):
@@ -239,13 +240,43 @@ class MLP(nnx.Module):
     return out_DT.T.reshape(B, L, D)
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """The float32 result of a matmul of `a` and `b` (accumulated in float32), e.g. logits or attention scores.
+
+  With bfloat16 operands the backward pass would otherwise multiply the float32 cotangent by a bfloat16
+  operand, a float32 matmul; here the cotangent is cast to the operands' dtype first, so a bfloat16 model
+  runs every matmul in bfloat16, forward and backward. Float32 operands take the plain einsum.
+  """
+  if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  return _einsum_f32(spec, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_f32(spec, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_forward(spec, a, b):
+  return _einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_backward(spec, residuals, ct):
+  a, b = residuals
+  # The same matmul with a result in the operands' dtype, whose transposes are matmuls in that dtype.
+  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+  return vjp(ct.astype(jnp.result_type(a, b)))
+
+
+_einsum_f32.defvjp(_einsum_f32_forward, _einsum_f32_backward)
+
+
 def output_logits(x_BLD: jax.Array, embed: "Embed", unembed_VD, multiplier: float = 1.0) -> jax.Array:
   """float32 logits through the tied embedding table (`unembed_VD` None) or an untied [vocab, embed] matrix."""
   if unembed_VD is None:
     logits_BLV = embed.attend(x_BLD)
   else:
-    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, unembed_VD[...].astype(x_BLD.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BLV = einsum_f32("bld,vd->blv", x_BLD, unembed_VD[...].astype(x_BLD.dtype))
   return logits_BLV if multiplier == 1.0 else logits_BLV * multiplier
 
 

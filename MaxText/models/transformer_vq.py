@@ -129,8 +129,19 @@ class TransformerVQ(ModelFamily):
     tail, aux = self._continue(tokens_BL[:, cut:], positions_BL[:, cut:], segment_ids_BL[:, cut:], aux["cache"])
     return jnp.concatenate([logits, tail], axis=1), aux
 
-  def _forward(self, tokens_BL, segment_ids_BL):
-    """The whole sequence at once; padded at its end to whole blocks (later tokens cannot change it)."""
+  def hidden(self, tokens_BL, positions_BL, segment_ids_BL):
+    """(the last activations, aux) of the training forward pass: `logits` of them are its logits."""
+    del positions_BL
+    return self._forward(tokens_BL, segment_ids_BL, project=False)
+
+  @classmethod
+  def cannot_chunk_logits(cls, config) -> str | None:
+    del config
+    return None
+
+  def _forward(self, tokens_BL, segment_ids_BL, project: bool = True):
+    """The whole sequence at once; padded at its end to whole blocks (later tokens cannot change it).
+    Returns (logits, aux), or with project=False the activations before the output projection."""
     c = self.config
     L = tokens_BL.shape[1]
     block = min(c.vq_block_length, L)
@@ -146,7 +157,7 @@ class TransformerVQ(ModelFamily):
     x_BTD, (commit_N, surrogate_N) = layers.run_stack(self.layers, call, x_BTD, None, scan=c.scan_layers,
                                                       remat_policy=c.remat_policy)
     aux = {"aux_loss": c.vq_commit_weight * jnp.sum(commit_N), "codebook_loss": jnp.sum(surrogate_N)}
-    return self.logits(x_BTD[:, :L]), aux
+    return (self.logits(x_BTD[:, :L]) if project else x_BTD[:, :L]), aux
 
   def _continue(self, tokens_BL, positions_BL, segment_ids_BL, cache):
     """Continue the sequences of `cache` by L tokens at consecutive positions from where each row stopped;
