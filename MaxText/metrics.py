@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from MaxText import fs
 
 # Dense peak TFLOP/s per device for the matmul dtype (bfloat16; float32 runs on TF32 tensor cores on
 # GPUs, at half the bfloat16 rate; TPUs run float32 matmuls as bf16 passes, counted here at the bf16 rate).
@@ -54,6 +55,24 @@ def peak_flops_per_device(config) -> tuple[float, str]:
   return measured / local_devices, f"measured {config.dtype} matmul on {kind}"
 
 
+class _EventFiles:
+  """tensorboardX's hook for a URL scheme: event files written through the filesystem layer (tensorboardX
+  alone knows only local folders, and gs:// through a client library this project does not install)."""
+
+  def directory_check(self, path: str) -> None:
+    fs.makedirs(path)
+
+  def open(self, path: str):
+    return fs.open(path, "wb")
+
+
+def _register_remote_event_files(directory: str) -> None:
+  if fs.is_remote(directory):
+    from tensorboardX import record_writer  # noqa: PLC0415
+
+    record_writer.register_writer_factory(directory.split("://", 1)[0], _EventFiles())
+
+
 class MetricLogger:
   """Writes each metric row to TensorBoard and metrics.jsonl (process 0) and drives the progress line."""
 
@@ -64,11 +83,12 @@ class MetricLogger:
     self.bar = None
     if not is_primary:
       return
-    os.makedirs(config.run_dir, exist_ok=True)
-    self.jsonl = open(os.path.join(config.run_dir, config.metrics_file), "a", encoding="utf-8")
+    fs.makedirs(config.run_dir)
+    self.jsonl = fs.open(fs.join(config.run_dir, config.metrics_file), "a")
     if config.enable_tensorboard:
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
+      _register_remote_event_files(config.tensorboard_dir)
       self.writer = SummaryWriter(config.tensorboard_dir, flush_secs=30)
     if progress:
       from tqdm import tqdm  # noqa: PLC0415

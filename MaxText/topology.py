@@ -89,20 +89,21 @@ def names(generation: str) -> list[str]:
   return [f"{g.cloud}-{c * g.cores_per_chip}" for c in counts]
 
 
-def parse(name: str) -> Slice:
-  """`v5p-8`, `v4-32`, `v5e-256` (or `v5litepod-256`), `v6e-8` -> Slice; anything else is a ConfigError."""
+def parse(name: str, what: str = "compile_topology") -> Slice:
+  """`v5p-8`, `v4-32`, `v5e-256` (or `v5litepod-256`), `v6e-8` -> Slice; anything else is a ConfigError
+  that names `what` (the key or flag that gave the name)."""
   m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
   known = ", ".join(f"{g}-N" for g in GENERATIONS)
   if not m:
-    raise ConfigError(f"compile_topology {name!r} is not a Cloud TPU slice name like v5p-8, v4-32 or v5e-256 "
+    raise ConfigError(f"{what} {name!r} is not a Cloud TPU slice name like v5p-8, v4-32 or v5e-256 "
                       f"(known: {known})")
   prefix, count = ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
   if prefix not in GENERATIONS:
-    raise ConfigError(f"compile_topology {name!r}: unknown TPU generation {m.group(1)!r} (known: {known})")
+    raise ConfigError(f"{what} {name!r}: unknown TPU generation {m.group(1)!r} (known: {known})")
   g = GENERATIONS[prefix]
   shape = _shape(g, count // g.cores_per_chip) if count % g.cores_per_chip == 0 else None
   if shape is None:
-    raise ConfigError(f"compile_topology {name!r} is not a {g.cloud} slice this table knows "
+    raise ConfigError(f"{what} {name!r} is not a {g.cloud} slice this table knows "
                       f"({', '.join(names(prefix))})")
   return Slice(f"{g.cloud}-{count}", g, count // g.cores_per_chip, shape)
 

@@ -156,7 +156,7 @@ class Run:
 
 def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   """Train `config.steps` steps (resuming the run if it has checkpoints); returns the last metrics."""
-  from MaxText import checkpointing, metrics, sharding  # noqa: PLC0415
+  from MaxText import checkpointing, fs, metrics, sharding  # noqa: PLC0415
 
   run = Run(config)
   family = _family(config)
@@ -165,7 +165,8 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   result: dict[str, Any] = {}
   # Folders this call creates; if it fails, those it left empty are removed (a bad key or file must not
   # leave an empty run behind).
-  created = [d for d in (config.run_dir, config.checkpoint_dir) if not os.path.exists(d)]
+  created = [d for d in (config.run_dir, config.checkpoint_dir) if not fs.exists(d)]
+  fs.check_writable(config.run_dir, "base_output_directory")  # a bucket out of reach fails here, in one line
   with sharding.use_mesh(run.mesh, run.rules), _StopFlag() as stop:
     checkpointer = logger = None
     completed = False
@@ -175,9 +176,8 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
       state, start_step = run.restore_or_init(checkpointer, train_data)
       logger = metrics.MetricLogger(config, start_step=start_step, is_primary=run.is_primary, progress=progress)
       if run.is_primary:
-        os.makedirs(config.run_dir, exist_ok=True)
-        with open(os.path.join(config.run_dir, "config.yml"), "w", encoding="utf-8") as f:
-          f.write(config.to_yaml())
+        fs.makedirs(config.run_dir)
+        fs.write_text(fs.join(config.run_dir, "config.yml"), config.to_yaml())
         logger.write_text("config", "```\n" + config.to_yaml() + "\n```")
       peak, peak_source = metrics.peak_flops_per_device(config)
       logger.message(
@@ -255,11 +255,10 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _remove_empty(folders) -> None:
+  from MaxText import fs  # noqa: PLC0415
+
   for folder in folders:
-    try:
-      os.rmdir(folder)  # only an empty folder goes
-    except OSError:
-      pass
+    fs.remove_if_empty(folder)
 
 
 def _stop_agreed(requested: bool, step: int, config) -> bool:
