@@ -126,7 +126,8 @@ def isdir(path: str) -> bool:
   if not is_remote(path):
     return os.path.isdir(path)
   with _Guard("reach", path):
-    return _gfile().isdir(path)
+    # gfile.isdir says False for a bucket it cannot reach; exists raises, naming the cause.
+    return _gfile().exists(path) and _gfile().isdir(path)
 
 
 def isfile(path: str) -> bool:
@@ -139,13 +140,16 @@ def isfile(path: str) -> bool:
 
 def listdir(path: str, files_only: bool = False) -> list[str]:
   """Names in a folder (no trailing '/'), sorted; `files_only` leaves out sub-folders (and, locally,
-  hidden files) without a request per name on a bucket, where folder names end in '/'."""
+  hidden files)."""
   path = expand(path)
   with _Guard("list", path):
     names = os.listdir(path) if not is_remote(path) else _gfile().listdir(path)
   if files_only:
     if is_remote(path):
-      names = [n for n in names if not n.endswith("/")]
+      # GCS marks folders with a trailing '/', so a bucket needs no request per name; other schemes do.
+      marked = path.startswith("gs://")
+      with _Guard("list", path):
+        names = [n for n in names if not n.endswith("/") and (marked or not _gfile().isdir(join(path, n)))]
     else:
       names = [n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(path, n))]
   return sorted(n.rstrip("/") for n in names)

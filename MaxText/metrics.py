@@ -20,6 +20,7 @@ PEAK_TFLOPS = {
     "tpu v5 lite": {"bfloat16": 197.0, "float32": 197.0},
     "tpu v5e": {"bfloat16": 197.0, "float32": 197.0},
     "tpu v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "tpu v5": {"bfloat16": 459.0, "float32": 459.0},  # how JAX names a v5p chip; after "tpu v5 lite" (v5e)
     "tpu v6 lite": {"bfloat16": 918.0, "float32": 918.0},
     "a100": {"bfloat16": 312.0, "float32": 156.0},
     "h100": {"bfloat16": 989.0, "float32": 494.5},
@@ -40,14 +41,22 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int =
   return 2 * size**3 / sorted(times)[len(times) // 2]
 
 
+def table_peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The table's dense peak for a device kind as JAX names it (e.g. "TPU v5 lite"), or None."""
+  kind = device_kind.lower()
+  for name, peaks in PEAK_TFLOPS.items():
+    if name in kind:
+      return peaks[dtype]
+  return None
+
+
 def peak_flops_per_device(config) -> tuple[float, str]:
   """(peak FLOP/s per device, where the number comes from)."""
   if config.peak_tflops_per_device > 0:
     return config.peak_tflops_per_device * 1e12, "config"
   kind = jax.devices()[0].device_kind.lower()
-  for name, peaks in PEAK_TFLOPS.items():
-    if name in kind:
-      return peaks[config.dtype] * 1e12, f"table ({kind})"
+  if (tflops := table_peak_tflops(kind, config.dtype)) is not None:
+    return tflops * 1e12, f"table ({kind})"
   # CPU (or unknown): measure. Simulated CPU devices share the same cores, so the run's local devices
   # split the measured peak among them.
   measured = measure_matmul_peak(config.dtype)

@@ -114,13 +114,16 @@ def verdict(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  json_path = None
-  for i, arg in enumerate(argv):
-    if arg.startswith("--json="):
+  json_path, rest = None, argv[:1]
+  args = iter(argv[1:])
+  for arg in args:
+    if arg == "--json":
+      json_path = next(args, None)
+    elif arg.startswith("--json="):
       json_path = arg.split("=", 1)[1]
-    elif arg == "--json" and i + 1 < len(argv):
-      json_path = argv[i + 1]
-  argv = [a for i, a in enumerate(argv) if not (a.startswith("--json") or (i and argv[i - 1] == "--json"))]
+    else:
+      rest.append(arg)
+  argv = rest
   try:
     config, tpu, devices = startup.load_topology_config(argv)
     from MaxText import sharding_report, train  # noqa: PLC0415

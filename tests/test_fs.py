@@ -1,0 +1,127 @@
+"""The filesystem layer: runs, data, tokenizer and TensorBoard in a bucket-like filesystem (TensorFlow's
+in-memory ram://, behind the same tf.io.gfile calls as gs://), and one-line errors for a bucket out of reach."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from MaxText import fs, prepare_data, pyconfig, train
+from MaxText.errors import StorageError
+from MaxText.input_pipeline import tfrecord
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bucket(request):
+  """A fresh ram:// folder (the in-memory filesystem lives as long as the process)."""
+  root = f"ram://test-{request.node.name}-{os.getpid()}"
+  yield root
+  if fs.exists(root):
+    fs.rmtree(root)
+
+
+def test_the_layer_reads_and_writes_local_and_remote_paths_alike(tmp_path, bucket):
+  for root in (str(tmp_path), bucket):
+    folder = fs.join(root, "a", "b")
+    fs.makedirs(folder)
+    fs.write_text(fs.join(folder, "x.txt"), "hello")
+    fs.makedirs(fs.join(folder, "sub"))
+    assert fs.read_text(fs.join(folder, "x.txt")) == "hello"
+    assert fs.isdir(folder) and fs.isfile(fs.join(folder, "x.txt")) and not fs.isfile(folder)
+    assert fs.listdir(folder) == ["sub", "x.txt"] and fs.listdir(folder, files_only=True) == ["x.txt"]
+    assert fs.glob(fs.join(folder, "*.txt")) == [fs.join(folder, "x.txt")]
+    fs.copy(fs.join(folder, "x.txt"), fs.join(root, "y.txt"))
+    assert fs.read_bytes(fs.join(root, "y.txt")) == b"hello"
+    with fs.open(fs.join(root, "y.txt"), "a") as f:
+      f.write(" again")
+    assert fs.read_text(fs.join(root, "y.txt")) == "hello again"
+    assert fs.dirname(fs.join(folder, "x.txt")) == folder and fs.basename(folder) == "b"
+    assert not fs.remove_if_empty(folder) and fs.remove_if_empty(fs.join(folder, "sub"))
+    with pytest.raises(StorageError, match=r"^cannot read .*missing\.txt: "):
+      fs.read_text(fs.join(root, "missing.txt"))
+  assert fs.join("gs://b/runs/", "r1", "config.yml") == "gs://b/runs/r1/config.yml"
+  assert fs.dirname("gs://b/runs/r1") == "gs://b/runs" and fs.absolute("gs://b/x") == "gs://b/x"
+
+
+def test_prepare_train_and_evaluate_with_everything_in_a_bucket(make_config, tmp_path, bucket):
+  source = tmp_path / "text"
+  source.mkdir()
+  for name in ("argparse", "textwrap", "string", "difflib", "glob"):
+    (source / f"{name}.txt").write_text(Path(os.__file__).with_name(f"{name}.py").read_text())
+  data = fs.join(bucket, "data")
+  summary = prepare_data.prepare(str(source), data, vocab_size=400, num_shards=2, extensions=(".txt",),
+                                 progress=False, validation_fraction=0.2, test_fraction=0.2)
+  assert summary["tokenizer_path"] == fs.join(data, "tokenizer.model")
+  assert fs.isfile(fs.join(data, prepare_data.INFO_FILE)) and tfrecord.split_files(data, "train")
+  assert not Path("ram:").exists()  # nothing local named after the scheme
+
+  runs = fs.join(bucket, "runs")
+  config = make_config(dataset_type="tfrecord", dataset_path=data, vocab_size=512, base_output_directory=runs,
+                       run_name="r", steps=2, eval_interval=2, eval_steps=1, enable_tensorboard=True)
+  result = train.train_and_evaluate(config, progress=False)
+  assert result["step"] == 2 and result["eval_loss"] > 0  # the tokenizer came from the bucket: bits per byte
+  assert "eval_bits_per_byte" in result
+  rows = [json.loads(line) for line in fs.read_text(fs.join(runs, "r", "metrics.jsonl")).splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  [events] = fs.glob(fs.join(runs, "r", "tensorboard", "events.out.tfevents.*"))
+  assert len(fs.read_bytes(events)) > 100
+  # A command about the run (decode, evaluation) reads the run's config.yml from the bucket.
+  values = pyconfig.load([None, str(pyconfig.BASE_CONFIG)], env={}, for_run=True, base_output_directory=runs,
+                         run_name="r")
+  assert values["base_emb_dim"] == config.base_emb_dim == 32 and values["dataset_path"] == data
+
+
+UNREACHABLE = "gs://maxtext-no-such-bucket-for-tests"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+  # A token for tests keeps TF's GCS client from looking for credentials; the request still fails (no
+  # such bucket, or no network), and fast.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("M_")}
+  env["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "not-a-token"
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_bucket_out_of_reach_is_a_one_line_error_and_leaves_no_local_folder(tmp_path):
+  script = f"""
+import sys
+from MaxText import checkpointing, fs
+from MaxText.errors import ConfigError, StorageError
+from MaxText.input_pipeline import tfrecord, tokenizer
+checks = [
+    lambda: fs.check_writable("{UNREACHABLE}/runs/r", "base_output_directory"),
+    lambda: tfrecord.split_files("{UNREACHABLE}/data", "train"),
+    lambda: tokenizer.load_sentencepiece("{UNREACHABLE}/data/tokenizer.model"),
+    lambda: checkpointing.load_parameters("{UNREACHABLE}/runs/r/checkpoints/10", {{}}),
+]
+for check in checks:
+  try:
+    check()
+    print("no error")
+  except ConfigError as e:
+    print(type(e).__name__, str(e))
+"""
+  out = run_cli("-c", script)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  assert len(lines) == 4, out.stdout
+  # Each names what was being done and where; the reason is the storage's (no network here, or no bucket).
+  assert lines[0].startswith(f"StorageError base_output_directory: cannot create folder {UNREACHABLE}/runs/r: ")
+  assert re.match(f"StorageError cannot (reach|list) {UNREACHABLE}/data: .", lines[1]), lines[1]
+  assert lines[2].startswith(f"ConfigError tokenizer_path: cannot read SentencePiece model: cannot read {UNREACHABLE}")
+  assert re.match(f"CheckpointError load_parameters_path: cannot (reach|list) {UNREACHABLE}/runs/r/checkpoints/10",
+                  lines[3]), lines[3]
+
+  (tmp_path / "in.txt").write_text("some text\n" * 100)
+  prep = run_cli("MaxText/prepare_data.py", "--input", str(tmp_path / "in.txt"), "--output_dir", f"{UNREACHABLE}/d",
+                 "--vocab_size", "300")
+  assert prep.returncode == 2 and "Traceback" not in prep.stderr
+  assert re.match(f"prepare_data: error: --output_dir: cannot (reach|list) {UNREACHABLE}/d: .",
+                  prep.stderr.strip().splitlines()[-1])
+  assert not (ROOT / "gs:").exists()
