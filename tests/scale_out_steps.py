@@ -47,10 +47,10 @@ def initial_state(config):
 
 
 def run_steps(config, start: int, stop: int, *, state=None, restore_dir: str | None = None,
-              save_dir: str | None = None) -> dict:
+              save_dir: str | None = None, save_step: int | None = None) -> dict:
   """Steps start+1..stop from `state` (host arrays, placed on this config's mesh), or from the latest
-  checkpoint in `restore_dir`, or from a fresh state; then save the state at step `stop` to `save_dir`.
-  Returns the losses, the mesh and the parameters' PartitionSpecs."""
+  checkpoint in `restore_dir`, or from a fresh state; the state after step `save_step` (default `stop`) is
+  saved to `save_dir`. Returns the losses, the mesh and the parameters' PartitionSpecs."""
   import jax  # noqa: PLC0415
 
   from MaxText import checkpointing, sharding, train  # noqa: PLC0415
@@ -62,6 +62,15 @@ def run_steps(config, start: int, stop: int, *, state=None, restore_dir: str | N
 
   def checkpointer(directory):
     return checkpointing.Checkpointer(directory, period=0, keep=0, use_async=False)
+
+  def save(step, state):
+    target = checkpointer(save_dir)
+    try:
+      target.save(step, state, {}, force=True)
+    finally:
+      target.close()
+
+  save_step = stop if save_step is None else save_step
 
   with sharding.use_mesh(run.mesh, run.rules):
     if restore_dir:
@@ -75,17 +84,15 @@ def run_steps(config, start: int, stop: int, *, state=None, restore_dir: str | N
       state = jax.device_put(state, run.shardings)
     else:
       state, _ = run.restore_or_init(None, None)
+    if save_dir and save_step == start:
+      save(start, state)
     step_fn = run.train_step_fn()
     for step in range(start + 1, stop + 1):
       local = {k: v[mine] for k, v in global_batch(config, step).items()}
       state, metrics = step_fn(state, train._global_batch(local, run.batch_sharding))
       losses.append(float(jax.device_get(metrics["loss"])))
-    if save_dir:
-      target = checkpointer(save_dir)
-      try:
-        target.save(stop, state, {}, force=True)
-      finally:
-        target.close()
+      if save_dir and step == save_step:
+        save(step, state)
   specs = jax.tree.map(lambda x: list(x.sharding.spec), state["params"])
   return {"losses": losses, "mesh": dict(run.mesh.shape), "specs": specs}
 

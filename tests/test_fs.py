@@ -4,18 +4,13 @@ in-memory ram://, behind the same tf.io.gfile calls as gs://), and one-line erro
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from MaxText import fs, prepare_data, pyconfig, train
-from MaxText.errors import StorageError
-from MaxText.input_pipeline import tfrecord
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from MaxText import checkpointing, fs, prepare_data, pyconfig, train
+from MaxText.errors import ConfigError, StorageError
+from MaxText.input_pipeline import tfrecord, tokenizer
 
 @pytest.fixture
 def bucket(request):
@@ -49,7 +44,7 @@ def test_the_layer_reads_and_writes_local_and_remote_paths_alike(tmp_path, bucke
   assert fs.dirname("gs://b/runs/r1") == "gs://b/runs" and fs.absolute("gs://b/x") == "gs://b/x"
 
 
-def test_prepare_train_and_evaluate_with_everything_in_a_bucket(make_config, tmp_path, bucket):
+def test_prepare_train_and_evaluate_with_everything_in_a_bucket(make_config, tmp_path, bucket, capsys):
   source = tmp_path / "text"
   source.mkdir()
   for name in ("argparse", "textwrap", "string", "difflib", "glob"):
@@ -63,8 +58,11 @@ def test_prepare_train_and_evaluate_with_everything_in_a_bucket(make_config, tmp
 
   runs = fs.join(bucket, "runs")
   config = make_config(dataset_type="tfrecord", dataset_path=data, vocab_size=512, base_output_directory=runs,
-                       run_name="r", steps=2, eval_interval=2, eval_steps=1, enable_tensorboard=True)
+                       run_name="r", steps=2, eval_interval=2, eval_steps=1, enable_tensorboard=True,
+                       print_sharding=True)
   result = train.train_and_evaluate(config, progress=False)
+  # print_sharding=true: train.py lists every parameter before it starts (tests/test_scale_out.py checks the table).
+  assert "\nlayers/mlp/wi_0 " in capsys.readouterr().out
   assert result["step"] == 2 and result["eval_loss"] > 0  # the tokenizer came from the bucket: bits per byte
   assert "eval_bits_per_byte" in result
   rows = [json.loads(line) for line in fs.read_text(fs.join(runs, "r", "metrics.jsonl")).splitlines()]
@@ -80,38 +78,24 @@ def test_prepare_train_and_evaluate_with_everything_in_a_bucket(make_config, tmp
 UNREACHABLE = "gs://maxtext-no-such-bucket-for-tests"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-  # A token for tests keeps TF's GCS client from looking for credentials; the request still fails (no
-  # such bucket, or no network), and fast.
-  env = {k: v for k, v in os.environ.items() if not k.startswith("M_")}
-  env["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "not-a-token"
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_a_bucket_out_of_reach_is_a_one_line_error_and_leaves_no_local_folder(tmp_path):
-  script = f"""
-import sys
-from MaxText import checkpointing, fs
-from MaxText.errors import ConfigError, StorageError
-from MaxText.input_pipeline import tfrecord, tokenizer
-checks = [
-    lambda: fs.check_writable("{UNREACHABLE}/runs/r", "base_output_directory"),
-    lambda: tfrecord.split_files("{UNREACHABLE}/data", "train"),
-    lambda: tokenizer.load_sentencepiece("{UNREACHABLE}/data/tokenizer.model"),
-    lambda: checkpointing.load_parameters("{UNREACHABLE}/runs/r/checkpoints/10", {{}}),
-]
-for check in checks:
-  try:
-    check()
-    print("no error")
-  except ConfigError as e:
-    print(type(e).__name__, str(e))
-"""
-  out = run_cli("-c", script)
-  assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.splitlines()
-  assert len(lines) == 4, out.stdout
-  # Each names what was being done and where; the reason is the storage's (no network here, or no bucket).
+def test_a_bucket_out_of_reach_is_a_one_line_error_and_leaves_no_local_folder(tmp_path, monkeypatch, capsys):
+  # A token for tests keeps TF's GCS client from looking for credentials (it reads the variable on every
+  # request); the request still fails (no such bucket, or no network), and fast.
+  monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "not-a-token")
+  monkeypatch.chdir(tmp_path)  # a local folder named after the scheme would appear here
+  checks = [
+      lambda: fs.check_writable(f"{UNREACHABLE}/runs/r", "base_output_directory"),
+      lambda: tfrecord.split_files(f"{UNREACHABLE}/data", "train"),
+      lambda: tokenizer.load_sentencepiece(f"{UNREACHABLE}/data/tokenizer.model"),
+      lambda: checkpointing.load_parameters(f"{UNREACHABLE}/runs/r/checkpoints/10", {}),
+  ]
+  lines = []
+  for check in checks:
+    with pytest.raises(ConfigError) as e:
+      check()
+    lines.append(f"{type(e.value).__name__} {e.value}")
+  # Each is one line that names what was being done and where; the reason is the storage's.
+  assert all("\n" not in line for line in lines), lines
   assert lines[0].startswith(f"StorageError base_output_directory: cannot create folder {UNREACHABLE}/runs/r: ")
   assert re.match(f"StorageError cannot (reach|list) {UNREACHABLE}/data: .", lines[1]), lines[1]
   assert lines[2].startswith(f"ConfigError tokenizer_path: cannot read SentencePiece model: cannot read {UNREACHABLE}")
@@ -119,9 +103,10 @@ for check in checks:
                   lines[3]), lines[3]
 
   (tmp_path / "in.txt").write_text("some text\n" * 100)
-  prep = run_cli("MaxText/prepare_data.py", "--input", str(tmp_path / "in.txt"), "--output_dir", f"{UNREACHABLE}/d",
-                 "--vocab_size", "300")
-  assert prep.returncode == 2 and "Traceback" not in prep.stderr
+  code = prepare_data.main(["--input", str(tmp_path / "in.txt"), "--output_dir", f"{UNREACHABLE}/d",
+                            "--vocab_size", "300"])
+  err = capsys.readouterr().err
+  assert code == 2 and "Traceback" not in err
   assert re.match(f"prepare_data: error: --output_dir: cannot (reach|list) {UNREACHABLE}/d: .",
-                  prep.stderr.strip().splitlines()[-1])
-  assert not (ROOT / "gs:").exists()
+                  err.strip().splitlines()[-1])
+  assert list(tmp_path.iterdir()) == [tmp_path / "in.txt"]  # no local "gs:" folder

@@ -50,12 +50,12 @@ def test_every_mesh_of_eight_devices_gives_the_same_losses_and_its_shardings(mak
 def test_a_checkpoint_saved_with_fsdp4_continues_with_tensor4_as_if_nothing_changed(make_config, tmp_path):
   fsdp = make_config(per_device_batch_size=2.0, **mesh(1, 4, 1))
   state = initial_state(fsdp)
-  straight = run_steps(fsdp, 0, 4, state=state)["losses"]
-  first = run_steps(fsdp, 0, 2, state=state, save_dir=str(tmp_path / "ckpt"))
+  straight = run_steps(fsdp, 0, 4, state=state, save_dir=str(tmp_path / "ckpt"), save_step=2)
+  assert straight["specs"]["layers"]["mlp"]["wi_0"] == [None, None, "fsdp"]
   tensor = make_config(per_device_batch_size=2.0, **mesh(1, 1, 4))
   second = run_steps(tensor, 2, 4, restore_dir=str(tmp_path / "ckpt"))
   assert second["specs"]["layers"]["mlp"]["wi_0"] == [None, "tensor", None]
-  np.testing.assert_allclose(first["losses"] + second["losses"], straight, rtol=1e-5)
+  np.testing.assert_allclose(second["losses"], straight["losses"][2:], rtol=1e-5)
 
 
 def free_port() -> int:
@@ -111,7 +111,7 @@ def test_fsdp8_holds_an_eighth_of_llama2medium_and_its_adam_state_per_device():
   assert sharding_report.bytes_per_device(run.spec.shapes, run.shardings["params"]) == expected
 
 
-def test_print_sharding_lists_every_parameter(make_config, capsys):
+def test_print_sharding_lists_every_parameter(make_config):
   run = train.Run(make_config(**mesh(1, 2, 2)))
   text = sharding_report.format_parameters(run.spec, run.abstract, run.shardings)
   lines = text.splitlines()
@@ -121,6 +121,3 @@ def test_print_sharding_lists_every_parameter(make_config, capsys):
   assert row.split() == ["layers/mlp/wi_0", "2x64x32", "layers,mlp,embed", "(None,", "'tensor',", "'fsdp')",
                          "4.00", "KiB"]
   assert lines[-1].startswith("train state (parameters + optimizer): ")
-  # train.py prints it when asked.
-  train.train_and_evaluate(make_config(print_sharding=True, steps=1), progress=False)
-  assert "parameter " in capsys.readouterr().out
