@@ -266,6 +266,15 @@ def remove_if_empty(path: str) -> bool:
   return True
 
 
+def missing(paths, what: str) -> list[str]:
+  """Those of `paths` that do not exist yet; a storage out of reach is one line naming `what` (a config key
+  or flag)."""
+  try:
+    return [p for p in paths if not exists(p)]
+  except StorageError as e:
+    raise StorageError(f"{what}: {e}") from None
+
+
 def check_writable(path: str, what: str) -> None:
   """Create the folder `path` or fail with one line naming `what` (a config key or flag) and the cause:
   checked before a run starts, so an unreachable bucket costs seconds, not a compiled model."""

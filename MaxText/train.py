@@ -165,7 +165,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   result: dict[str, Any] = {}
   # Folders this call creates; if it fails, those it left empty are removed (a bad key or file must not
   # leave an empty run behind).
-  created = [d for d in (config.run_dir, config.checkpoint_dir) if not fs.exists(d)]
+  created = fs.missing((config.run_dir, config.checkpoint_dir), "base_output_directory")
   fs.check_writable(config.run_dir, "base_output_directory")  # a bucket out of reach fails here, in one line
   with sharding.use_mesh(run.mesh, run.rules), _StopFlag() as stop:
     checkpointer = logger = None

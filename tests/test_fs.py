@@ -85,6 +85,7 @@ def test_a_bucket_out_of_reach_is_a_one_line_error_and_leaves_no_local_folder(tm
   monkeypatch.chdir(tmp_path)  # a local folder named after the scheme would appear here
   checks = [
       lambda: fs.check_writable(f"{UNREACHABLE}/runs/r", "base_output_directory"),
+      lambda: fs.missing([f"{UNREACHABLE}/runs/r"], "base_output_directory"),
       lambda: tfrecord.split_files(f"{UNREACHABLE}/data", "train"),
       lambda: tokenizer.load_sentencepiece(f"{UNREACHABLE}/data/tokenizer.model"),
       lambda: checkpointing.load_parameters(f"{UNREACHABLE}/runs/r/checkpoints/10", {}),
@@ -97,10 +98,11 @@ def test_a_bucket_out_of_reach_is_a_one_line_error_and_leaves_no_local_folder(tm
   # Each is one line that names what was being done and where; the reason is the storage's.
   assert all("\n" not in line for line in lines), lines
   assert lines[0].startswith(f"StorageError base_output_directory: cannot create folder {UNREACHABLE}/runs/r: ")
-  assert re.match(f"StorageError cannot (reach|list) {UNREACHABLE}/data: .", lines[1]), lines[1]
-  assert lines[2].startswith(f"ConfigError tokenizer_path: cannot read SentencePiece model: cannot read {UNREACHABLE}")
+  assert lines[1].startswith(f"StorageError base_output_directory: cannot reach {UNREACHABLE}/runs/r: ")
+  assert re.match(f"StorageError cannot (reach|list) {UNREACHABLE}/data: .", lines[2]), lines[2]
+  assert lines[3].startswith(f"ConfigError tokenizer_path: cannot read SentencePiece model: cannot read {UNREACHABLE}")
   assert re.match(f"CheckpointError load_parameters_path: cannot (reach|list) {UNREACHABLE}/runs/r/checkpoints/10",
-                  lines[3]), lines[3]
+                  lines[4]), lines[4]
 
   (tmp_path / "in.txt").write_text("some text\n" * 100)
   code = prepare_data.main(["--input", str(tmp_path / "in.txt"), "--output_dir", f"{UNREACHABLE}/d",
