@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -95,7 +96,10 @@ def row(r: dict) -> str:
   if "memory" in r:
     need = f"{r['memory']['total'] / GiB:.1f}"
   else:
-    need = "not compiled yet" if r["fits"] is None else "over (compiler: out of HBM)"
+    # The compiler's out-of-HBM message says what the temporaries alone would take.
+    over = re.search(r"temporaries \(([\d.]+)G\)", r.get("compiler_error", ""))
+    need = ("not compiled yet" if r["fits"] is None else
+            f"> {float(over.group(1)):.1f} (temporaries alone)" if over else "over (compiler: out of HBM)")
   return (f"| {r['model_name']} | {r['num_params'] / 1e9:.2f}B | {r['topology']} ({r['chips']} chips) | {mesh} | "
           f"{r['global_batch']} x {r['max_target_length']} | {r['state_bytes_per_device'] / GiB:.2f} | {need} | "
           f"{r['hbm_bytes_per_chip'] / GiB:.0f} | {fits} |")
