@@ -9,15 +9,14 @@ loads onto another.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from MaxText import tensor_files
-from MaxText.errors import CheckpointError
+from MaxText import fs, tensor_files
+from MaxText.errors import CheckpointError, StorageError
 
 
 def _short(error: Exception) -> str:
@@ -33,7 +32,7 @@ class Checkpointer:
         enable_async_checkpointing=use_async,
         create=True,
     )
-    self.directory = os.path.abspath(directory)
+    self.directory = fs.absolute(directory)
     self.period = period
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"),
@@ -126,7 +125,7 @@ def run_parameters(config, abstract_params: Any, purpose: str) -> tuple[Any, int
   """(parameters, step, where from) for a command about an existing run (decode, evaluation): the
   parameters of the run's latest checkpoint, else those of `load_parameters_path` (step 0). Nothing else
   of the train state is read."""
-  if config.enable_checkpointing and os.path.isdir(config.checkpoint_dir):
+  if config.enable_checkpointing and fs.isdir(config.checkpoint_dir):
     checkpointer = Checkpointer.from_config(config)
     try:
       latest = checkpointer.latest_step()
@@ -144,10 +143,12 @@ def load_parameters(path: str, abstract_params: Any) -> Any:
   (convert_checkpoint.py's params.safetensors, a file or its folder), onto the given shardings."""
   if tensor_files.is_parameter_folder(path):
     return load_converted(path, abstract_params)
-  step_dir = Path(path)
-  item = step_dir / "state" if (step_dir / "state").is_dir() else step_dir
-  if not item.is_dir():
-    raise CheckpointError(f"load_parameters_path {path!r} is not a checkpoint step folder (expected <run>/checkpoints/<step>)")
+  try:
+    item = fs.join(path, "state") if fs.isdir(fs.join(path, "state")) else fs.expand(path)
+    if not fs.isdir(item):
+      raise CheckpointError(f"load_parameters_path {path!r} is not a checkpoint step folder (expected <run>/checkpoints/<step>)")
+  except StorageError as e:
+    raise CheckpointError(f"load_parameters_path: {e}") from None
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     restored = checkpointer.restore(

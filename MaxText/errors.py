@@ -25,3 +25,8 @@ class ShardingError(ConfigError):
 
 class PrepareError(Exception):
   """Bad input to prepare_data.py; the message names the culprit."""
+
+
+class StorageError(ConfigError):
+  """A path that cannot be read or written (a bucket out of reach, no permission, a missing file); the
+  message names the path and what was being done."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from MaxText import fs
 
 # Dense peak TFLOP/s per device for the matmul dtype (bfloat16; float32 runs on TF32 tensor cores on
 # GPUs, at half the bfloat16 rate; TPUs run float32 matmuls as bf16 passes, counted here at the bf16 rate).
@@ -19,6 +20,7 @@ PEAK_TFLOPS = {
     "tpu v5 lite": {"bfloat16": 197.0, "float32": 197.0},
     "tpu v5e": {"bfloat16": 197.0, "float32": 197.0},
     "tpu v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "tpu v5": {"bfloat16": 459.0, "float32": 459.0},  # how JAX names a v5p chip; after "tpu v5 lite" (v5e)
     "tpu v6 lite": {"bfloat16": 918.0, "float32": 918.0},
     "a100": {"bfloat16": 312.0, "float32": 156.0},
     "h100": {"bfloat16": 989.0, "float32": 494.5},
@@ -39,19 +41,45 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int =
   return 2 * size**3 / sorted(times)[len(times) // 2]
 
 
+def table_peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The table's dense peak for a device kind as JAX names it (e.g. "TPU v5 lite"), or None."""
+  kind = device_kind.lower()
+  for name, peaks in PEAK_TFLOPS.items():
+    if name in kind:
+      return peaks[dtype]
+  return None
+
+
 def peak_flops_per_device(config) -> tuple[float, str]:
   """(peak FLOP/s per device, where the number comes from)."""
   if config.peak_tflops_per_device > 0:
     return config.peak_tflops_per_device * 1e12, "config"
   kind = jax.devices()[0].device_kind.lower()
-  for name, peaks in PEAK_TFLOPS.items():
-    if name in kind:
-      return peaks[config.dtype] * 1e12, f"table ({kind})"
+  if (tflops := table_peak_tflops(kind, config.dtype)) is not None:
+    return tflops * 1e12, f"table ({kind})"
   # CPU (or unknown): measure. Simulated CPU devices share the same cores, so the run's local devices
   # split the measured peak among them.
   measured = measure_matmul_peak(config.dtype)
   local_devices = max(config.num_devices // jax.process_count(), 1)
   return measured / local_devices, f"measured {config.dtype} matmul on {kind}"
+
+
+class _EventFiles:
+  """tensorboardX's hook for a URL scheme: event files written through the filesystem layer (tensorboardX
+  alone knows only local folders, and gs:// through a client library this project does not install)."""
+
+  def directory_check(self, path: str) -> None:
+    fs.makedirs(path)
+
+  def open(self, path: str):
+    return fs.open(path, "wb")
+
+
+def _register_remote_event_files(directory: str) -> None:
+  if fs.is_remote(directory):
+    from tensorboardX import record_writer  # noqa: PLC0415
+
+    record_writer.register_writer_factory(directory.split("://", 1)[0], _EventFiles())
 
 
 class MetricLogger:
@@ -64,11 +92,12 @@ class MetricLogger:
     self.bar = None
     if not is_primary:
       return
-    os.makedirs(config.run_dir, exist_ok=True)
-    self.jsonl = open(os.path.join(config.run_dir, config.metrics_file), "a", encoding="utf-8")
+    fs.makedirs(config.run_dir)
+    self.jsonl = fs.open(fs.join(config.run_dir, config.metrics_file), "a")
     if config.enable_tensorboard:
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
+      _register_remote_event_files(config.tensorboard_dir)
       self.writer = SummaryWriter(config.tensorboard_dir, flush_secs=30)
     if progress:
       from tqdm import tqdm  # noqa: PLC0415

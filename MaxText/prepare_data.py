@@ -41,7 +41,8 @@ if not __package__:  # run as a script: make `MaxText` importable
 
 from tqdm import tqdm  # noqa: E402
 
-from MaxText.errors import DataError, PrepareError  # noqa: E402
+from MaxText import fs  # noqa: E402
+from MaxText.errors import DataError, PrepareError, StorageError  # noqa: E402
 from MaxText.input_pipeline import tfrecord  # noqa: E402
 from MaxText.input_pipeline.hf_tokenizer import HFTokenizer, train_bpe  # noqa: E402
 from MaxText.input_pipeline.tokenizer import ByteTokenizer, Tokenizer, train_sentencepiece  # noqa: E402
@@ -143,7 +144,9 @@ def _read_text(path: str) -> str | None:
     return None
 
 
-def _prepare_output(output_dir: str) -> tuple[Path, Path]:
+def _prepare_output(output_dir: str) -> tuple[Path | str, Path]:
+  if fs.is_remote(output_dir):
+    return _prepare_remote_output(output_dir)
   out = Path(output_dir).expanduser().absolute()
   if out.exists() and not out.is_dir():
     raise PrepareError(f"--output_dir {str(out)!r} exists and is not a folder")
@@ -161,7 +164,43 @@ def _prepare_output(output_dir: str) -> tuple[Path, Path]:
   return out, tmp
 
 
-def _move_into_place(tmp: Path, out: Path):
+def _prepare_remote_output(output_dir: str) -> tuple[str, Path]:
+  """A bucket folder (through the filesystem layer) and a local folder to write into first."""
+  out = output_dir.rstrip("/")
+  try:
+    if fs.isfile(out):
+      raise PrepareError(f"--output_dir {out!r} exists and is not a folder")
+    if fs.isdir(out) and fs.listdir(out) and not fs.exists(fs.join(out, INFO_FILE)):
+      raise PrepareError(f"--output_dir {out!r} is not empty and holds no prepared dataset; choose another")
+    fs.makedirs(out)
+  except StorageError as e:
+    raise PrepareError(f"--output_dir: {e}") from None
+  return out, Path(tempfile.mkdtemp(prefix="maxtext-prepare-"))
+
+
+def _upload(tmp: Path, out: str):
+  """Copy the prepared files into the bucket folder. Buckets have no rename of folders, so the info file,
+  which marks a complete dataset, goes first out and last in; shards of an earlier preparation go too."""
+  info = fs.join(out, INFO_FILE)
+  try:
+    if fs.exists(info):
+      fs.remove(info)
+    names = sorted(p.name for p in tmp.iterdir() if p.name != INFO_FILE)
+    for name in names:
+      fs.copy(str(tmp / name), fs.join(out, name))
+    for name in fs.listdir(out, files_only=True):
+      if name not in names:
+        fs.remove(fs.join(out, name))
+    fs.copy(str(tmp / INFO_FILE), info)
+  except StorageError as e:
+    raise PrepareError(str(e)) from None
+  shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, out: Path | str):
+  if isinstance(out, str):
+    _upload(tmp, out)
+    return
   if out.exists():
     # Swap through a side name so the folder is never missing or half-written for a reader.
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -170,6 +209,13 @@ def _move_into_place(tmp: Path, out: Path):
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.replace(tmp, out)
+
+
+def _isfile(path: str) -> bool:
+  try:
+    return fs.isfile(path)
+  except StorageError as e:
+    raise PrepareError(str(e)) from None
 
 
 def _documents(files, validation_fraction: float, test_fraction: float, contiguous: bool,
@@ -263,7 +309,7 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
     raise PrepareError(f"--num_shards must be at least 1, got {num_shards}")
   if tokenizer_path and tokenizer == "byte":
     raise PrepareError("--tokenizer_path is a SentencePiece model; --tokenizer byte needs none")
-  if tokenizer_path and not (os.path.isfile(os.path.expanduser(tokenizer_path)) or
+  if tokenizer_path and not (_isfile(tokenizer_path) or
                              (tokenizer == "hf" and os.path.isdir(os.path.expanduser(tokenizer_path)))):
     raise PrepareError(f"--tokenizer_path {tokenizer_path!r} is not a file")
   files = find_input_files(input, extensions, exclude_dirs)
@@ -279,7 +325,10 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
     elif tokenizer == "hf" and tokenizer_path:
       encoder = _copy_hf_tokenizer(tokenizer_path, tmp)
     elif tokenizer_path:
-      shutil.copyfile(os.path.expanduser(tokenizer_path), model_path)
+      try:
+        fs.copy(tokenizer_path, str(model_path))
+      except StorageError as e:
+        raise PrepareError(f"--tokenizer_path: {e}") from None
       try:
         encoder = Tokenizer(model_path)
       except ValueError as e:
@@ -292,7 +341,7 @@ def prepare(input: str, output_dir: str, vocab_size: int = 8192, tokenizer_path:
       encoder = _train_tokenizer(files, documents, splits, model_path, vocab_size, tokenizer)
     summary = _write_splits(tmp, splits, documents, encoder, num_shards, progress)
     summary.update(format_version=FORMAT_VERSION, input=input, vocab_size=encoder.vocab_size, tokenizer=tokenizer,
-                   tokenizer_path=str(out / _TOKENIZER_FILES[tokenizer]) if tokenizer != "byte" else "",
+                   tokenizer_path=fs.join(str(out), _TOKENIZER_FILES[tokenizer]) if tokenizer != "byte" else "",
                    output_dir=str(out))
     (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _move_into_place(tmp, out)
@@ -314,6 +363,17 @@ def train_vocab(input: str, output_dir: str, vocab_size: int = 8192, validation_
   if not files:
     raise PrepareError(f"--input {input!r} matched no files (folders are searched for {', '.join(extensions)})")
   documents, splits = _documents(files, validation_fraction, test_fraction, contiguous, document_chars)
+  if fs.is_remote(output_dir):
+    out, tmp = output_dir.rstrip("/"), Path(tempfile.mkdtemp(prefix="maxtext-vocab-"))
+    try:
+      fs.makedirs(out)
+      _train_tokenizer(files, documents, splits, tmp / "tokenizer.model", vocab_size)
+      fs.copy(str(tmp / "tokenizer.model"), fs.join(out, "tokenizer.model"))
+    except StorageError as e:
+      raise PrepareError(str(e)) from None
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    return fs.join(out, "tokenizer.model")
   out = Path(output_dir).expanduser().absolute()
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -427,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     summary = prepare(args.input, args.output_dir, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
                       num_shards=args.num_shards, tokenizer=args.tokenizer, **split)
-  except (PrepareError, DataError) as e:
+  except (PrepareError, DataError, StorageError) as e:
     print(f"prepare_data: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -54,9 +54,14 @@ def _closest(name: str, candidates) -> str:
   return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def _read_yaml(path: Path, what: str) -> dict:
+def _read_yaml(path: Path | str, what: str) -> dict:
   try:
-    text = path.read_text()
+    if "://" in str(path):  # a run in a bucket: read through the filesystem layer (TensorFlow's gfile)
+      from MaxText import fs  # noqa: PLC0415 (only then; parsing local files imports nothing)
+
+      text = fs.read_text(str(path))
+    else:
+      text = Path(path).read_text()
   except OSError as e:
     raise ConfigError(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
   try:
@@ -281,9 +286,17 @@ _NOT_FROM_RUN_KEYS = ("num_devices", "mode")
 
 
 def _run_layer(values: Mapping[str, Any]) -> dict[str, Any] | None:
-  path = Path(os.path.expanduser(values["base_output_directory"])) / values["run_name"] / "config.yml"
-  if not path.is_file():
-    return None
+  base = values["base_output_directory"]
+  if "://" in base:
+    from MaxText import fs  # noqa: PLC0415 (see _read_yaml)
+
+    path = fs.join(base, values["run_name"], "config.yml")
+    if not fs.isfile(path):
+      return None
+  else:
+    path = Path(os.path.expanduser(base)) / values["run_name"] / "config.yml"
+    if not path.is_file():
+      return None
   machine = {key for group, key, _ in key_docs() if group in _NOT_FROM_RUN_GROUPS} | set(_NOT_FROM_RUN_KEYS)
   return {k: v for k, v in _read_yaml(path, "run config").items() if k not in machine}
 

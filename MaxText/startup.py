@@ -2,6 +2,7 @@
 
     config = startup.load_config(sys.argv)                 # train.py, tools
     config = startup.load_config(sys.argv, for_run=True)   # decode.py, eval.py: the run's config.yml too
+    config, tpu, devices = startup.load_topology_config(sys.argv)  # train_compile.py: a TPU slice's devices
 
 Parsing alone (`pyconfig`) starts nothing; `jax.distributed.initialize` must run before JAX first counts
 devices, so it happens here, between reading the keys and deriving the batch sizes and the mesh.
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from MaxText import distributed, pyconfig
+from MaxText.errors import ConfigError
 
 
 def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None, *, for_run: bool = False, **kwargs):
@@ -25,3 +27,25 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None, *, fo
   config = pyconfig.derive(values, jax.device_count(), distributed.num_slices())
   validation.validate(config)
   return config
+
+
+def load_topology_config(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs):
+  """(Config, topology.Slice, devices) for train_compile.py: the config laid out on the compile-only devices
+  of `compile_topology` x `compile_topology_num_slices` (from libtpu; this host needs no TPU and joins no job)."""
+  import os  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  from MaxText import topology, validation  # noqa: PLC0415
+
+  if not os.environ.get("JAX_PLATFORMS"):
+    # The program runs on no local accelerator: leave a TPU or GPU of this host to whoever trains on it.
+    jax.config.update("jax_platforms", "cpu")
+  values = pyconfig.load(argv, env, **kwargs)
+  if not values["compile_topology"]:
+    raise ConfigError("train_compile.py needs compile_topology=<Cloud TPU slice>, e.g. compile_topology=v5p-8")
+  tpu = topology.parse(values["compile_topology"])
+  devices = topology.devices(tpu.name, values["compile_topology_num_slices"])
+  config = pyconfig.derive(values, len(devices), values["compile_topology_num_slices"])
+  validation.validate(config)
+  return config, tpu, devices

@@ -68,13 +68,15 @@ class _StopFlag:
 class Run:
   """Everything a run builds once: mesh, model spec, optimizer, shardings, compiled steps."""
 
-  def __init__(self, config):
+  def __init__(self, config, devices=None):
+    """`devices`: the mesh's devices (default: this job's first `num_devices`); train_compile.py passes the
+    compile-only devices of a TPU topology."""
     import jax  # noqa: PLC0415
 
     from MaxText import optimizers, sharding, train_state  # noqa: PLC0415
 
     self.config = config
-    self.mesh = sharding.make_mesh(config)
+    self.mesh = sharding.make_mesh(config, devices)
     self.rules = config.logical_axis_rules
     self.spec = train_state.model_spec(config)
     self.tx, self.schedule = optimizers.create(config, self.spec.roles)
@@ -106,6 +108,16 @@ class Run:
       params = checkpointing.load_parameters(self.config.load_parameters_path, abstract_params)
       state = {**state, "params": params}
     return state, 0
+
+  def train_step_fn(self):
+    """The jitted train step with the state's shardings, donating the state (lower it to compile)."""
+    import jax  # noqa: PLC0415
+
+    from MaxText import train_step  # noqa: PLC0415
+
+    return jax.jit(train_step.make_train_step(self.config, self.spec, self.tx, self.schedule),
+                   in_shardings=(self.shardings, self.batch_sharding),
+                   out_shardings=(self.shardings, None), donate_argnums=(0,))
 
   def evaluate_fn(self):
     import jax  # noqa: PLC0415
@@ -144,9 +156,7 @@ class Run:
 
 def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   """Train `config.steps` steps (resuming the run if it has checkpoints); returns the last metrics."""
-  import jax  # noqa: PLC0415
-
-  from MaxText import checkpointing, metrics, profiler, sharding, train_step  # noqa: PLC0415
+  from MaxText import checkpointing, fs, metrics, profiler, sharding  # noqa: PLC0415
 
   run = Run(config)
   family = _family(config)
@@ -155,7 +165,8 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   result: dict[str, Any] = {}
   # Folders this call creates; if it fails, those it left empty are removed (a bad key or file must not
   # leave an empty run behind).
-  created = [d for d in (config.run_dir, config.checkpoint_dir) if not os.path.exists(d)]
+  created = fs.missing((config.run_dir, config.checkpoint_dir), "base_output_directory")
+  fs.check_writable(config.run_dir, "base_output_directory")  # a bucket out of reach fails here, in one line
   with sharding.use_mesh(run.mesh, run.rules), _StopFlag() as stop:
     checkpointer = logger = trace = None
     completed = False
@@ -167,9 +178,8 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
       state, start_step = run.restore_or_init(checkpointer, train_data)
       logger = metrics.MetricLogger(config, start_step=start_step, is_primary=run.is_primary, progress=progress)
       if run.is_primary:
-        os.makedirs(config.run_dir, exist_ok=True)
-        with open(os.path.join(config.run_dir, "config.yml"), "w", encoding="utf-8") as f:
-          f.write(config.to_yaml())
+        fs.makedirs(config.run_dir)
+        fs.write_text(fs.join(config.run_dir, "config.yml"), config.to_yaml())
         logger.write_text("config", "```\n" + config.to_yaml() + "\n```")
       peak, peak_source = metrics.peak_flops_per_device(config)
       logger.message(
@@ -177,6 +187,10 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
           f"{flops_per_token / 1e6:,.1f} MFLOPs/token; mesh {dict(run.mesh.shape)}; "
           f"global batch {config.global_batch_size_to_train_on} x {config.max_target_length} tokens; "
           f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_source})")
+      if config.print_sharding:
+        from MaxText import sharding_report  # noqa: PLC0415
+
+        logger.message(sharding_report.format_parameters(run.spec, run.abstract, run.shardings))
       if start_step:
         logger.message(f"resumed from {config.checkpoint_dir} at step {start_step}")
       if start_step >= config.steps:
@@ -184,9 +198,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
         completed = True
         return {"step": start_step}
 
-      step_fn = jax.jit(train_step.make_train_step(config, run.spec, run.tx, run.schedule),
-                        in_shardings=(run.shardings, run.batch_sharding),
-                        out_shardings=(run.shardings, None), donate_argnums=(0,))
+      step_fn = run.train_step_fn()
       eval_fn = run.evaluate_fn()
       batch = _global_batch(next(train_data), run.batch_sharding)
       compile_start = time.perf_counter()
@@ -250,11 +262,10 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _remove_empty(folders) -> None:
+  from MaxText import fs  # noqa: PLC0415
+
   for folder in folders:
-    try:
-      os.rmdir(folder)  # only an empty folder goes
-    except OSError:
-      pass
+    fs.remove_if_empty(folder)
 
 
 def _stop_agreed(requested: bool, step: int, config) -> bool:

@@ -6,14 +6,15 @@ yields chunks of documents as (tokens_T, lengths_D) numpy pairs, so Python works
 
 from __future__ import annotations
 
-import glob as globlib
 import os
 import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from MaxText import fs
 from MaxText.errors import ConfigError, DataError
+from MaxText.fs import import_tf  # noqa: F401 (the data sources' way to TensorFlow)
 from MaxText.input_pipeline.sources import SOURCES, Location, Source
 from MaxText.input_pipeline.token_store import file_fingerprint
 from MaxText.input_pipeline.tokenizer import default_file as tokenizer_file
@@ -21,51 +22,16 @@ from MaxText.input_pipeline.tokenizer import default_file as tokenizer_file
 TOKENS, TEXT = "tokens", "text"
 # Documents per parsed chunk: large enough to amortise Python overhead, small enough to start quickly.
 _CHUNK_DOCS = 128
-_tf = None
-
-
-def import_tf():
-  """TensorFlow, imported quietly and kept away from the accelerator (it only reads files here)."""
-  global _tf
-  if _tf is None:
-    # oneDNN's banner and TF's INFO lines are noise for a reader; set only for the import, and only
-    # where the user has not chosen, so JAX/XLA (which read the same variables) keep the user's setting.
-    quiet = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
-    ours = [k for k in quiet if k not in os.environ]
-    for k in ours:
-      os.environ[k] = quiet[k]
-    try:
-      import tensorflow as tf  # noqa: PLC0415
-    finally:
-      for k in ours:
-        os.environ.pop(k, None)
-    try:
-      tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-      pass  # TF was already initialised by someone else; it is too late to hide the GPU
-    tf.get_logger().setLevel("ERROR")
-    _tf = tf
-  return _tf
 
 
 # --- Finding files ---
 
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
 def _expand(entry: str) -> list[str]:
   """The files one dataset_path entry names: a folder's files, a glob's matches, or the file itself."""
-  if _is_remote(entry):
-    gfile = import_tf().io.gfile
-    if gfile.isdir(entry):
-      return sorted(f"{entry.rstrip('/')}/{n}" for n in gfile.listdir(entry) if not n.endswith("/"))
-    return sorted(gfile.glob(entry))
-  entry = os.path.expanduser(entry)
-  if os.path.isdir(entry):
-    return sorted(os.path.join(entry, n) for n in os.listdir(entry)
-                  if not n.startswith(".") and os.path.isfile(os.path.join(entry, n)))
-  return sorted(p for p in globlib.glob(entry) if os.path.isfile(p))
+  entry = fs.expand(entry)
+  if fs.isdir(entry):
+    return [fs.join(entry, n) for n in fs.listdir(entry, files_only=True)]
+  return [p for p in fs.glob(entry) if fs.is_remote(p) or os.path.isfile(p)]
 
 
 def entries(dataset_path: str) -> list[str]:
@@ -101,16 +67,10 @@ def default_tokenizer_path(dataset_path: str, file_name: str | None = "tokenizer
   names = entries(dataset_path)
   if not names or not file_name:
     return None
-  first = names[0]
-  if _is_remote(first):
-    gfile = import_tf().io.gfile
-    folder = first if gfile.isdir(first) else os.path.dirname((_expand(first) or [first])[0])
-    path = f"{folder.rstrip('/')}/{file_name}"
-    return path if gfile.exists(path) else None
-  first = os.path.expanduser(first)
-  folder = first if os.path.isdir(first) else os.path.dirname((_expand(first) or [first])[0])
-  path = os.path.join(folder, file_name)
-  return path if os.path.isfile(path) else None
+  first = fs.expand(names[0])
+  folder = first if fs.isdir(first) else fs.dirname((_expand(first) or [first])[0])
+  path = fs.join(folder, file_name)
+  return path if fs.isfile(path) else None
 
 
 # --- Writing ---

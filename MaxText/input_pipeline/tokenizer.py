@@ -24,7 +24,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from MaxText.errors import ConfigError
+from MaxText import fs
+from MaxText.errors import ConfigError, StorageError
 from MaxText.registry import Registry
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -38,9 +39,9 @@ class Tokenizer:
   def __init__(self, model_path: str | os.PathLike):
     self.path = str(model_path)
     try:
-      proto = Path(model_path).read_bytes()
-    except OSError as e:
-      raise ValueError(f"cannot read SentencePiece model {self.path!r}: {e.strerror}") from None
+      proto = fs.read_bytes(self.path)
+    except StorageError as e:
+      raise ValueError(f"cannot read SentencePiece model: {e}") from None
     self.fingerprint = "sentencepiece:" + hashlib.sha256(proto).hexdigest()
     self._sp = spm.SentencePieceProcessor()
     try:
