@@ -1,10 +1,17 @@
 """The errors a user sees: one line that names the culprit (a key, a file, a checkpoint), never a traceback.
 
-Entry points (train.py, decode.py, eval.py, the tools) print `error: <message>` and exit with code 2 for
-any of them. Every module of MaxText may import this one; it imports nothing of the project.
+Entry points (train.py, decode.py, eval.py, the tools) print `error: <message>` and exit with the status
+below; docs/reliability.md lists them for schedulers. Every module of MaxText may import this one; it
+imports nothing of the project.
 """
 
 from __future__ import annotations
+
+# Exit statuses of the entry points.
+EXIT_OK = 0  # trained to `steps` (or nothing left to do), evaluated, decoded
+EXIT_ERROR = 2  # bad input: a config key, data, a checkpoint, a disk or a path (ConfigError and subclasses)
+EXIT_DIVERGED = 3  # training stopped on a non-finite loss or gradient norm (DivergenceError)
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT; run the same command again to resume (EX_TEMPFAIL)
 
 
 class ConfigError(ValueError):
@@ -19,9 +26,21 @@ class CheckpointError(ConfigError):
   """A checkpoint that is missing, damaged or does not fit the model; the message names the path."""
 
 
+class StorageError(ConfigError):
+  """A folder or file that cannot be written (full disk, permissions, a file in the way); names the path."""
+
+
 class ShardingError(ConfigError):
   """A logical axis name without a rule, or a mesh that cannot be built; the message names the culprit."""
 
 
 class PrepareError(Exception):
   """Bad input to prepare_data.py; the message names the culprit."""
+
+
+class DivergenceError(Exception):
+  """Training produced a non-finite loss or gradient norm (nan_policy); the message names the step."""
+
+
+class Preempted(Exception):
+  """A signal asked the run to stop; the state is saved (or the save in flight was abandoned)."""
