@@ -27,7 +27,8 @@ def _empty() -> dict:
   minus_one = jnp.asarray(-1, jnp.int32)
   return {"bad": jnp.asarray(0, jnp.int32), "streak": jnp.asarray(0, jnp.int32),
           "longest": jnp.asarray(0, jnp.int32), "longest_end": minus_one, "first": minus_one,
-          "first_loss": jnp.asarray(0.0, jnp.float32), "first_grad_norm": jnp.asarray(0.0, jnp.float32)}
+          "first_loss": jnp.asarray(0.0, jnp.float32), "first_grad_norm": jnp.asarray(0.0, jnp.float32),
+          "first_param_norm": jnp.asarray(0.0, jnp.float32)}
 
 
 @jax.jit
@@ -43,7 +44,9 @@ def _update(record: dict, metrics: dict, step) -> dict:
           "longest_end": jnp.where(longer, step, record["longest_end"]),
           "first": jnp.where(is_first, step, record["first"]),
           "first_loss": jnp.where(is_first, metrics["loss"].astype(jnp.float32), record["first_loss"]),
-          "first_grad_norm": jnp.where(is_first, metrics["grad_norm"].astype(jnp.float32), record["first_grad_norm"])}
+          "first_grad_norm": jnp.where(is_first, metrics["grad_norm"].astype(jnp.float32), record["first_grad_norm"]),
+          "first_param_norm": jnp.where(is_first, metrics["param_norm"].astype(jnp.float32),
+                                        record["first_param_norm"])}
 
 
 def _show(x: float) -> str:
@@ -68,15 +71,16 @@ class Guard:
   def check(self, last_checkpoint: int | None) -> None:
     """Raise DivergenceError if the policy says stop (waits for the steps dispatched so far)."""
     r = {k: v.item() for k, v in jax.device_get(self.record).items()}
+    values = (f"loss {_show(r['first_loss'])}, gradient norm {_show(r['first_grad_norm'])}, parameter norm "
+              f"{_show(r['first_param_norm'])}")
     saved = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
              else "no checkpoint was saved")
     if self.policy == "stop" and r["bad"]:
-      raise DivergenceError(
-          f"step {r['first']}: loss {_show(r['first_loss'])}, gradient norm {_show(r['first_grad_norm'])}; "
-          f"training diverged and stopped (nan_policy=stop); nothing after it was saved, {saved}")
+      raise DivergenceError(f"step {r['first']}: {values}; training diverged and stopped (nan_policy=stop); "
+                            f"nothing after it was saved, {saved}")
     if self.policy == "skip" and r["longest"] >= self.max_skips:
       end = r["longest_end"]
       raise DivergenceError(
           f"steps {end - r['longest'] + 1}-{end}: {r['longest']} non-finite steps in a row (first at step "
-          f"{r['first']}: loss {_show(r['first_loss'])}, gradient norm {_show(r['first_grad_norm'])}); training "
-          f"diverged and stopped (nan_policy=skip, max_consecutive_skips={self.max_skips}); {saved}")
+          f"{r['first']}: {values}); training diverged and stopped (nan_policy=skip, "
+          f"max_consecutive_skips={self.max_skips}); {saved}")

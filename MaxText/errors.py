@@ -42,5 +42,6 @@ class DivergenceError(Exception):
   """Training produced a non-finite loss or gradient norm (nan_policy); the message names the step."""
 
 
-class Preempted(Exception):
-  """A signal asked the run to stop; the state is saved (or the save in flight was abandoned)."""
+class Preempted(BaseException):
+  """A second SIGTERM/SIGINT: stop at once. A BaseException, like KeyboardInterrupt, so that no library's
+  `except Exception` in the main thread swallows it."""

@@ -10,6 +10,7 @@ Running the same command again resumes from the run's latest checkpoint. `mode=v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -51,6 +52,7 @@ class _StopFlag:
   wherever the main thread is, and a save in flight is abandoned (the earlier checkpoints are untouched)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  active: "_StopFlag | None" = None
 
   def __init__(self):
     self.requested = ""  # the name of the first signal
@@ -60,6 +62,7 @@ class _StopFlag:
     if threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
         self.previous[sig] = signal.signal(sig, self._handle)
+      _StopFlag.active = self
     return self
 
   def _handle(self, signum, frame):
@@ -74,6 +77,13 @@ class _StopFlag:
   def __exit__(self, *exc):
     for sig, previous in self.previous.items():
       signal.signal(sig, previous)
+    if _StopFlag.active is self:
+      _StopFlag.active = None
+
+
+def _stop_flag():
+  """The stop flag in force (the CLI installs one around the whole run, closing included), else a new one."""
+  return contextlib.nullcontext(_StopFlag.active) if _StopFlag.active is not None else _StopFlag()
 
 
 class Run:
@@ -200,7 +210,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   # Folders this call creates; if it fails, those it left empty are removed (a bad key or file must not
   # leave an empty run behind).
   created = [d for d in (config.run_dir, config.checkpoint_dir) if not os.path.exists(d)]
-  with sharding.use_mesh(run.mesh, run.rules), _StopFlag() as stop:
+  with sharding.use_mesh(run.mesh, run.rules), _stop_flag() as stop:
     checkpointer = logger = None
     completed = False
     try:
@@ -473,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     if counting:
       print(count_params(config))
     elif config.mode == "train":
-      if train_and_evaluate(config).get("stopped_by"):
-        return errors.EXIT_PREEMPTED
+      with _stop_flag():  # installed until the checkpoints are closed, not only around the loop
+        if train_and_evaluate(config).get("stopped_by"):
+          return errors.EXIT_PREEMPTED
     else:
       evaluate_checkpoint(config)
   except ConfigError as e:
