@@ -350,7 +350,8 @@ def load_parameters(path: str, abstract_params: Any) -> Any:
   verified against the step's checksums when it has them."""
   quiet_library_logs()
   step_dir = Path(os.path.abspath(os.path.expanduser(path)))  # Orbax wants an absolute path
-  if not (step_dir / "state").is_dir() and not step_dir.is_dir():
+  markers = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "_sharding")
+  if not (step_dir / "state").is_dir() and not any((step_dir / m).exists() for m in markers):
     raise CheckpointError(f"load_parameters_path {path!r} is not a checkpoint step folder (expected <run>/checkpoints/<step>)")
   try:
     return _read_params(step_dir, abstract_params, f"load_parameters_path {path!r}")
