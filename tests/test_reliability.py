@@ -196,6 +196,20 @@ def test_a_failing_save_is_one_line_naming_the_path_and_earlier_checkpoints_stay
   assert sorted(int(p.name) for p in (run / "checkpoints.moved").iterdir() if p.name.isdigit()) == [1, 2]
 
 
+def test_a_disk_too_full_for_a_checkpoint_is_found_before_training(good, tmp_path, capsys, monkeypatch):
+  import collections
+  from MaxText import storage
+
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+  run = copy_run(good, tmp_path)
+  code, _, err = main(tmp_path, "run", "steps=3", capsys=capsys)
+  assert code == errors.EXIT_ERROR
+  line = one_error_line(err)
+  assert str(run / "checkpoints") in line and "MiB free on its disk" in line, line
+  assert steps_of(run) == [1, 2]
+
+
 def test_an_unwritable_metrics_file_is_one_line(good, tmp_path, capsys):
   run = copy_run(good, tmp_path)
   (run / "metrics.jsonl").unlink()
