@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +53,25 @@ class _QuietOrbax(logging.Filter):
 _FILTER = _QuietOrbax()
 
 
+def _is_late_callback(exc_type, exc) -> bool:
+  """TensorStore's read/write futures of a failed or abandoned save complete after Orbax closed their event
+  loop; each completion callback then fails with this error, which TensorStore reports as unraisable (a
+  whole traceback on stderr). The save's own failure is reported in one line; these echoes are dropped."""
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _quiet_unraisable(previous):
+  def hook(unraisable):
+    if not _is_late_callback(unraisable.exc_type, unraisable.exc_value):
+      previous(unraisable)
+
+  hook.quiet_checkpointing = True
+  return hook
+
+
 def quiet_library_logs() -> None:
+  if not getattr(sys.unraisablehook, "quiet_checkpointing", False):
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   for name in ("absl", "asyncio", ""):
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
