@@ -261,6 +261,12 @@ def test_a_longer_resume_keeps_the_saved_schedule_and_says_so(good, tmp_path, ca
   floor = 1e-2 * 0.1  # learning_rate x learning_rate_final_fraction
   assert lr[3] == pytest.approx(floor) and lr[4] == pytest.approx(floor)
   assert lr[2] < lr[1]
+  # learning_rate_schedule_steps re-plans it: step 5 of a 12-step cosine lies well above the old floor
+  code, out, err = main(tmp_path, "run", "steps=5", "learning_rate_schedule_steps=12", capsys=capsys)
+  assert code == 0, err[-3000:]
+  assert "learning_rate_schedule_steps=12 re-plans the learning-rate schedule (the checkpoint's was 2 steps)" in out
+  lr = {r["step"]: r["train/learning_rate"] for r in rows(run)}
+  assert lr[5] > 5 * floor
 
 
 def test_a_relative_load_parameters_path_works(good, tmp_path, capsys, monkeypatch):
