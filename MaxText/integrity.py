@@ -8,9 +8,10 @@ word changes both; a zeroed or garbled region goes unnoticed only if its words h
 and the XOR (about one chance in 2**64 for random damage). Swapping whole values is not detected; that is
 not how storage fails.
 
-Where it runs: on one CPU process the arrays already live in host memory, and numpy reads them in place
+Where it runs: on CPU the arrays (this process's shards) already live in host memory, and numpy reads them in place
 (about 3 ms per 100 MB, far cheaper than XLA's integer reductions on CPU); elsewhere a jitted reduction runs
-on the devices and only the 8-byte results cross to the host.
+on each shard's own device (no collective: all-reduces offer no XOR), only the 8-byte results cross to the
+host, and with several processes the per-process results are gathered and combined.
 """
 
 from __future__ import annotations
@@ -68,29 +69,55 @@ def _device_words(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _device_checksums(leaves: list) -> list:
-  out = []
-  for x in leaves:
-    words = _device_words(x)
-    axes = tuple(range(words.ndim))
-    out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32),
-                          lax.reduce(words, jnp.uint32(0), lax.bitwise_xor, axes)]))
+def _shard_checksum(x: jax.Array) -> jax.Array:
+  """[sum, xor] of one shard's words, on the shard's own device (no collective: XOR is not a reduction
+  that cross-device all-reduces offer)."""
+  words = _device_words(x)
+  axes = tuple(range(words.ndim))
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32), lax.reduce(words, jnp.uint32(0), lax.bitwise_xor, axes)])
+
+
+def _device_checksum_pairs(leaves) -> np.ndarray:
+  """[leaf, (sum, xor)] over this process's shards (replica 0 of each), combined on the host."""
+  with jax.set_mesh(None):  # each shard's computation runs on its own device, not on the run's mesh
+    parts = [[_shard_checksum(shard.data) for shard in x.addressable_shards if not shard.replica_id] for x in leaves]
+  out = np.zeros((len(leaves), 2), np.uint32)
+  for i, pairs in enumerate(jax.device_get(parts)):
+    total, xor = 0, 0
+    for pair in pairs:
+      total = (total + int(pair[0])) & 0xFFFFFFFF
+      xor ^= int(pair[1])
+    out[i] = (total, xor)
   return out
 
 
+def _combine_processes(pairs: np.ndarray) -> np.ndarray:
+  """The per-process [leaf, (sum, xor)] of every process, combined (each process holds different shards)."""
+  if jax.process_count() == 1:
+    return pairs
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  every = np.asarray(multihost_utils.process_allgather(pairs)).astype(np.uint64)  # [process, leaf, 2]
+  total = (every[..., 0].sum(axis=0) & 0xFFFFFFFF).astype(np.uint32)
+  xor = np.bitwise_xor.reduce(every[..., 1].astype(np.uint32), axis=0)
+  return np.stack([total, xor], axis=-1)
+
+
 def _on_host(leaves) -> bool:
-  return jax.process_count() == 1 and all(d.platform == "cpu" for x in leaves for d in x.sharding.device_set)
+  return all(d.platform == "cpu" for x in leaves for d in x.sharding.device_set)
 
 
 def checksums(tree: Any) -> dict[str, list[int]]:
-  """{leaf path: [sum, xor]} of every array in `tree` (jax.Arrays; waits for them to be computed)."""
+  """{leaf path: [sum, xor]} of every array in `tree` (jax.Arrays; waits for them to be computed). With
+  several processes every process must call it (the per-process parts are gathered)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   names = [leaf_name(path) for path, _ in flat]
   leaves = [jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf for _, leaf in flat]
   if _on_host(leaves):
-    values = [_host_checksum(x) for x in leaves]
+    pairs = np.asarray([_host_checksum(x) for x in leaves], np.uint32).reshape(len(leaves), 2)
   else:
-    values = [tuple(int(v) for v in pair) for pair in jax.device_get(_device_checksums(leaves))]
+    pairs = _device_checksum_pairs(leaves)
+  values = [tuple(int(v) for v in pair) for pair in _combine_processes(pairs)]
   return {name: [total, xor] for name, (total, xor) in zip(names, values)}
 
 
