@@ -182,7 +182,7 @@ def load_params(config, spec, mesh) -> tuple[Any, str]:
 
   shardings = train_state.param_shardings(spec, mesh, config.logical_axis_rules)
   params, _, source = checkpointing.run_parameters(config, train_state.with_shardings(spec.shapes, shardings),
-                                                   "decoding")
+                                                   "decoding", say=lambda text: print(text, file=sys.stderr))
   return params, source
 
 
@@ -227,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

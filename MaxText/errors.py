@@ -1,10 +1,17 @@
 """The errors a user sees: one line that names the culprit (a key, a file, a checkpoint), never a traceback.
 
-Entry points (train.py, decode.py, eval.py, the tools) print `error: <message>` and exit with code 2 for
-any of them. Every module of MaxText may import this one; it imports nothing of the project.
+Entry points (train.py, decode.py, eval.py, the tools) print `error: <message>` and exit with the status
+below; docs/reliability.md lists them for schedulers. Every module of MaxText may import this one; it
+imports nothing of the project.
 """
 
 from __future__ import annotations
+
+# Exit statuses of the entry points.
+EXIT_OK = 0  # trained to `steps` (or nothing left to do), evaluated, decoded
+EXIT_ERROR = 2  # bad input: a config key, data, a checkpoint, a disk or a path (ConfigError and subclasses)
+EXIT_DIVERGED = 3  # training stopped on a non-finite loss or gradient norm (DivergenceError)
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT; run the same command again to resume (EX_TEMPFAIL)
 
 
 class ConfigError(ValueError):
@@ -19,6 +26,11 @@ class CheckpointError(ConfigError):
   """A checkpoint that is missing, damaged or does not fit the model; the message names the path."""
 
 
+class StorageError(ConfigError):
+  """A path that cannot be read or written (full disk, permissions, a file in the way, a bucket out of
+  reach, a missing file); the message names the path and what was being done."""
+
+
 class ShardingError(ConfigError):
   """A logical axis name without a rule, or a mesh that cannot be built; the message names the culprit."""
 
@@ -27,6 +39,10 @@ class PrepareError(Exception):
   """Bad input to prepare_data.py; the message names the culprit."""
 
 
-class StorageError(ConfigError):
-  """A path that cannot be read or written (a bucket out of reach, no permission, a missing file); the
-  message names the path and what was being done."""
+class DivergenceError(Exception):
+  """Training produced a non-finite loss or gradient norm (nan_policy); the message names the step."""
+
+
+class Preempted(BaseException):
+  """A second SIGTERM/SIGINT: stop at once. A BaseException, like KeyboardInterrupt, so that no library's
+  `except Exception` in the main thread swallows it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from MaxText import fs
+from MaxText.errors import StorageError
 
 # Dense peak TFLOP/s per device for the matmul dtype (bfloat16; float32 runs on TF32 tensor cores on
 # GPUs, at half the bfloat16 rate; TPUs run float32 matmuls as bf16 passes, counted here at the bf16 rate).
@@ -83,27 +85,45 @@ def _register_remote_event_files(directory: str) -> None:
 
 
 class MetricLogger:
-  """Writes each metric row to TensorBoard and metrics.jsonl (process 0) and drives the progress line."""
+  """Writes each metric row to TensorBoard and metrics.jsonl (process 0) and drives the progress line.
 
-  def __init__(self, config, *, start_step: int, is_primary: bool, progress: bool = True):
+  `resume=True` (training): the rows and TensorBoard events of steps after `start_step` belong to steps the
+  restored state has not taken (a killed run logged them after its last checkpoint); they are dropped, so
+  metrics.jsonl holds each step once however often the run resumes.
+  """
+
+  def __init__(self, config, *, start_step: int, is_primary: bool, progress: bool = True, resume: bool = False):
     self.is_primary = is_primary
     self.writer = None
     self.jsonl = None
     self.bar = None
+    self.kept: set[tuple[int, str]] = set()  # (step, prefix) of the rows already in metrics.jsonl
     if not is_primary:
       return
-    fs.makedirs(config.run_dir)
-    self.jsonl = fs.open(fs.join(config.run_dir, config.metrics_file), "a")
+    self.path = fs.join(config.run_dir, config.metrics_file)
+    try:
+      fs.makedirs(config.run_dir)
+      # Rows of steps the restored state has not taken are dropped (local files; a bucket's file is appended to).
+      self.kept = set() if fs.is_remote(self.path) else _keep_rows(self.path, start_step if resume else None)
+      self.jsonl = fs.open(self.path, "a")
+    except OSError as e:
+      raise StorageError(f"cannot write the metrics file {self.path}: {e.strerror or e}") from None
     if config.enable_tensorboard:
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
       _register_remote_event_files(config.tensorboard_dir)
-      self.writer = SummaryWriter(config.tensorboard_dir, flush_secs=30)
+      # purge_step hides the events of steps the restored state has not taken
+      self.writer = SummaryWriter(config.tensorboard_dir, flush_secs=30,
+                                  purge_step=start_step + 1 if resume else None)
     if progress:
       from tqdm import tqdm  # noqa: PLC0415
 
       self.bar = tqdm(total=config.steps, initial=start_step, desc=config.run_name, unit="step",
                       dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+  def logged(self, step: int, prefix: str) -> bool:
+    """Whether metrics.jsonl already holds a `prefix/...` row of `step`."""
+    return (step, prefix) in self.kept
 
   def write_text(self, tag: str, text: str) -> None:
     if self.writer is not None:
@@ -113,8 +133,12 @@ class MetricLogger:
     if not self.is_primary:
       return
     row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
-    self.jsonl.write(json.dumps(row) + "\n")
-    self.jsonl.flush()
+    try:
+      self.jsonl.write(json.dumps(row) + "\n")
+      self.jsonl.flush()
+    except OSError as e:
+      raise StorageError(f"cannot write the metrics file {self.path}: {e.strerror or e}") from None
+    self.kept.add((step, prefix))
     if self.writer is not None:
       for key, value in row.items():
         if key != "step" and math.isfinite(value):
@@ -149,6 +173,37 @@ class MetricLogger:
       self.jsonl.close()
 
 
+def _keep_rows(path: str, last_step: int | None) -> set[tuple[int, str]]:
+  """Drop the rows of steps after `last_step` (all rows kept when None) and a torn last line, rewriting
+  the file only when something goes; returns the (step, prefix) of the rows kept."""
+  if not os.path.exists(path):
+    return set()
+  kept_lines, kept, dropped = [], set(), False
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        step = int(row["step"])
+      except (ValueError, KeyError, TypeError):
+        dropped = True
+        continue
+      if last_step is not None and step > last_step:
+        dropped = True
+        continue
+      kept_lines.append(line if line.endswith("\n") else line + "\n")
+      kept |= {(step, key.split("/", 1)[0]) for key in row if "/" in key}
+  if dropped and last_step is not None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept_lines)
+    os.replace(tmp, path)
+  else:
+    with open(path, "rb+") as f:  # a row torn by a kill must not swallow the next one
+      if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+        f.write(b"\n")
+  return kept
+
+
 def throughput(tokens: float, seconds: float, flops_per_token: float, num_devices: int,
                peak_per_device: float) -> dict[str, Any]:
   """tokens/s, TFLOP/s per device and MFU for `tokens` processed in `seconds`."""
@@ -165,7 +220,7 @@ class MetricWindow:
   """
 
   MEAN = ("loss", "z_loss", "aux_loss", "grad_norm")  # the window's mean
-  SUM = ("tokens",)  # the window's total; other keys (learning rate, parameter norm) are the last step's
+  SUM = ("tokens", "skipped_steps")  # the window's total; other keys (learning rate, parameter norm) are the last step's
 
   def __init__(self, step: int, tokens_per_step: int, flops_per_token: float, num_devices: int, peak: float):
     self.sums, self.steps, self.closed = None, 0, None

@@ -42,16 +42,51 @@ DERIVED_KEYS = {
     "run_dir": str,
     "checkpoint_dir": str,
     "tensorboard_dir": str,
+    # learning_rate_schedule_steps was -1: the schedule's length is `steps`, so a resumed run keeps the length
+    # its checkpoint saved rather than re-stretching it to a new `steps` (docs/reliability.md)
+    "schedule_follows_steps": bool,
 }
 # Keys settable only through the command line / keywords / environment, not by a preset.
 RUN_KEYS = ("run_name", "base_output_directory", "model_name")
 # Keys added on top of base_v2.yml: num_devices is a resolved key (-1 = all devices).
 EXTRA_KEYS = {"num_devices": -1}
+# Keys that name files or folders: relative ones resolve against the working directory (a URL such as
+# gs://... is left alone), so a run's config.yml means the same from anywhere. dataset_path is a comma list.
+PATH_KEYS = ("base_output_directory", "dataset_path", "tokenizer_path", "dataset_cache_dir", "tfds_data_dir",
+             "load_parameters_path")
+# The optimizer step is an int32 on the device: keys that count steps stay below 2**31.
+STEP_KEYS = ("steps", "log_period", "checkpoint_period", "eval_interval", "learning_rate_schedule_steps",
+             "max_consecutive_skips")
+INT32_MAX = 2**31 - 1
 
 
 def _closest(name: str, candidates) -> str:
   close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
   return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+class _DuplicateKey(Exception):
+  def __init__(self, key, line: int):
+    super().__init__(key)
+    self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one silently)."""
+
+  def construct_mapping(self, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+      seen = set()
+      for key_node, _ in node.value:
+        key = self.construct_object(key_node, deep=True)
+        try:
+          duplicate = key in seen
+        except TypeError:  # an unhashable key: SafeLoader reports it itself
+          continue
+        if duplicate:
+          raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        seen.add(key)
+    return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path | str, what: str) -> dict:
@@ -61,11 +96,15 @@ def _read_yaml(path: Path | str, what: str) -> dict:
 
       text = fs.read_text(str(path))
     else:
-      text = Path(path).read_text()
+      text = Path(path).read_bytes().decode("utf-8")
   except OSError as e:
     raise ConfigError(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start})") from None
   try:
-    data = yaml.safe_load(text)
+    data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+  except _DuplicateKey as e:
+    raise ConfigError(f"{what} {str(path)!r} line {e.line}: key {e.key!r} is given twice") from None
   except yaml.YAMLError as e:
     mark = getattr(e, "problem_mark", None)
     where = f" line {mark.line + 1}" if mark else ""
@@ -171,18 +210,27 @@ def coerce(key: str, value: Any, default: Any, source: str):
   if kind is int:
     if isinstance(value, bool):
       fail()
+    out = None
     if isinstance(value, int):
-      return value
-    if isinstance(value, float) and value.is_integer():
-      return int(value)
-    if isinstance(value, str):
+      out = value
+    elif isinstance(value, float) and value.is_integer():
+      out = int(value)
+    elif isinstance(value, str):
       try:
-        f = float(value)
+        out = int(value)  # exact, however long
       except ValueError:
-        fail()
-      if f.is_integer():
-        return int(f)
-    fail()
+        try:
+          f = float(value)
+        except ValueError:
+          fail()
+        if not f.is_integer():
+          fail()
+        out = int(f)
+    if out is None:
+      fail()
+    if not -2**63 <= out < 2**63:
+      raise ConfigError(f"config key {key!r} is {value} ({source}), beyond a 64-bit integer")
+    return out
   if kind is float:
     if isinstance(value, bool):
       fail()
@@ -331,7 +379,8 @@ def _load(argv: Sequence[str], env: Mapping[str, str] | None, run_layer: Mapping
       model_name = str(raw) if raw is not None else ""
   if model_name != "default":
     path = MODELS_DIR / f"{model_name}.yml"
-    if not path.exists():
+    # Only a preset's own name: a path ("../x", "/tmp/y") would load any YAML file as a preset.
+    if model_name not in preset_names():
       raise ConfigError(
           f"unknown model_name {model_name!r}{_closest(model_name, preset_names())}; "
           f"registered: {', '.join(preset_names())}")
@@ -385,6 +434,38 @@ def _resolve_parallelism(v: dict, num_devices: int, num_slices: int) -> tuple[tu
   return shapes[0], shapes[1]
 
 
+def absolute_path(path: str) -> str:
+  """`path` made absolute against the working directory (with ~ expanded); "" and URLs (gs://...) as given."""
+  if not path or "://" in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _plain_name(name: str) -> bool:
+  return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _check_numerics(v: dict[str, Any]) -> None:
+  """Values that parse but make the first step NaN or write nothing useful: each is a one-line error."""
+  for key in ("adam_b1", "adam_b2"):
+    if not 0.0 <= v[key] < 1.0:
+      raise ConfigError(f"config key {key!r} must lie in [0, 1) (1 divides by zero in Adam's bias correction), "
+                        f"got {v[key]}")
+  for key in ("adam_eps", "adam_eps_root"):
+    if v[key] < 0:
+      raise ConfigError(f"config key {key!r} must not be negative, got {v[key]}")
+  if v["opt_type"] == "adamw" and v["adam_eps"] == 0 and v["adam_eps_root"] == 0:
+    raise ConfigError("config keys 'adam_eps' and 'adam_eps_root' are both 0: a parameter whose gradient is "
+                      "exactly 0 (an unused embedding row) would be updated by 0/0 = NaN")
+  for key in ("init_weights_std", "normalization_layer_epsilon", "rope_max_timescale", "vq_pe_wavelength"):
+    if not v[key] > 0:
+      raise ConfigError(f"config key {key!r} must be positive, got {v[key]}")
+  if v["data_shuffle_seed"] < 0:
+    raise ConfigError(f"config key 'data_shuffle_seed' must not be negative, got {v['data_shuffle_seed']}")
+  if v["max_consecutive_skips"] < 1:
+    raise ConfigError(f"config key 'max_consecutive_skips' must be at least 1, got {v['max_consecutive_skips']}")
+
+
 def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dict[str, Any]:
   """Checks across keys that need nothing but the values, and the values computed from them."""
   v = dict(v)
@@ -415,13 +496,23 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
       "mode": ("train", "validation", "test"), "jax_distributed_initialization": ("auto", "on", "off"),
       "parametrization": ("sp", "mup"), "data_shuffle": ("global", "window"),
       "rope_table_dtype": ("float32", "bfloat16"), "profiler": ("", "xplane"),
+      "nan_policy": ("stop", "skip"),
   }
   for key, allowed in choices.items():
     if v[key] not in allowed:
       shown = ", ".join(a or '""' for a in allowed)
       raise ConfigError(f"config key {key!r} must be one of {shown}; got {v[key]!r}{_closest(v[key], allowed)}")
-  if not v["run_name"] or "/" in v["run_name"]:
-    raise ConfigError(f"config key 'run_name' must be a non-empty name without '/', got {v['run_name']!r}")
+  for key in STEP_KEYS:
+    if v[key] > INT32_MAX:
+      raise ConfigError(f"config key {key!r} must be at most {INT32_MAX} (the step counter is a 32-bit integer), "
+                        f"got {v[key]}")
+  for key, what in (("run_name", "a folder name"), ("metrics_file", "a file name")):
+    if not _plain_name(v[key]):
+      raise ConfigError(f"config key {key!r} must be {what} inside the run folder (no '/', '..' or absolute "
+                        f"path), got {v[key]!r}")
+  if not v["base_output_directory"].strip():
+    raise ConfigError("config key 'base_output_directory' must name a folder (it is empty)")
+  _check_numerics(v)
   if not v["mlp_activations"] or len(v["mlp_activations"]) > 2:
     raise ConfigError("config key 'mlp_activations' must list one or two activations")
   positive("max_prefill_predict_length", "max_decode_length", "decode_sampling_temperature",
@@ -473,6 +564,7 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
   v["global_batch_size_to_train_on"] = v["micro_batch_size"] * v["gradient_accumulation_steps"]
   eval_pdb = v["eval_per_device_batch_size"] or v["per_device_batch_size"]
   v["eval_batch_size"] = whole(eval_pdb, "eval_per_device_batch_size")
+  v["schedule_follows_steps"] = v["learning_rate_schedule_steps"] == -1
   if v["learning_rate_schedule_steps"] == -1:
     v["learning_rate_schedule_steps"] = v["steps"]
   elif v["learning_rate_schedule_steps"] <= 0:
@@ -480,7 +572,10 @@ def _derived_values(v: dict[str, Any], num_devices: int, num_slices: int) -> dic
   if v["eval_steps"] == 0 or v["eval_steps"] < -1:
     raise ConfigError(f"config key 'eval_steps' must be positive or -1 (whole split), got {v['eval_steps']}")
 
-  run_dir = os.path.join(os.path.expanduser(v["base_output_directory"]), v["run_name"])
+  for key in PATH_KEYS:
+    v[key] = ",".join(absolute_path(p.strip()) for p in v[key].split(",")) if key == "dataset_path" else \
+        absolute_path(v[key])
+  run_dir = os.path.join(v["base_output_directory"], v["run_name"])
   v["run_dir"] = run_dir
   v["checkpoint_dir"] = os.path.join(run_dir, "checkpoints")
   v["tensorboard_dir"] = os.path.join(run_dir, "tensorboard")

@@ -6,14 +6,18 @@
 
 Parsing alone (`pyconfig`) starts nothing; `jax.distributed.initialize` must run before JAX first counts
 devices, so it happens here, between reading the keys and deriving the batch sizes and the mesh.
+`exit_now(status)` is how entry points leave: never hanging on a failed save's background threads.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from typing import Mapping, Sequence
 
 from MaxText import distributed, pyconfig
-from MaxText.errors import ConfigError
+from MaxText.errors import EXIT_OK, ConfigError
 
 
 def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None, *, for_run: bool = False, **kwargs):
@@ -32,8 +36,6 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None, *, fo
 def load_topology_config(argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs):
   """(Config, topology.Slice, devices) for train_compile.py: the config laid out on the compile-only devices
   of `compile_topology` x `compile_topology_num_slices` (from libtpu; this host needs no TPU and joins no job)."""
-  import os  # noqa: PLC0415
-
   import jax  # noqa: PLC0415
 
   from MaxText import topology, validation  # noqa: PLC0415
@@ -49,3 +51,15 @@ def load_topology_config(argv: Sequence[str], env: Mapping[str, str] | None = No
   config = pyconfig.derive(values, len(devices), values["compile_topology_num_slices"])
   validation.validate(config)
   return config, tpu, devices
+
+
+def exit_now(status: int) -> None:
+  """sys.exit(status), except that background threads left by a failed or abandoned save (Orbax's writers
+  can wait on a folder that was never made) must not keep a failed process alive: it then leaves at once."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  lingering = [t for t in threading.enumerate()
+               if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+  if status != EXIT_OK and lingering:
+    os._exit(status)
+  sys.exit(status)

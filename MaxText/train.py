@@ -10,19 +10,21 @@ Running the same command again resumes from the run's latest checkpoint. `mode=v
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # `python MaxText/train.py` puts MaxText/ itself on the path, not the repo
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from MaxText import pyconfig, startup  # noqa: E402  (after the path fix)
-from MaxText.errors import ConfigError  # noqa: E402
+from MaxText import errors, pyconfig, startup  # noqa: E402  (after the path fix)
+from MaxText.errors import ConfigError, DivergenceError, Preempted  # noqa: E402
 
 
 def _global_batch(batch: dict, sharding) -> dict:
@@ -45,24 +47,43 @@ def _agree_max(value: int) -> int:
 
 
 class _StopFlag:
-  """Set by SIGTERM; the loop saves a checkpoint and exits cleanly when it sees it."""
+  """SIGTERM or SIGINT: the loop saves a checkpoint after the current step and the run exits with
+  EXIT_PREEMPTED (resume by running the same command). A second signal stops at once: Preempted is raised
+  wherever the main thread is, and a save in flight is abandoned (the earlier checkpoints are untouched)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  active: "_StopFlag | None" = None
 
   def __init__(self):
-    self.requested = False
-    self.previous = None
+    self.requested = ""  # the name of the first signal
+    self.previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self.SIGNALS:
+        self.previous[sig] = signal.signal(sig, self._handle)
+      _StopFlag.active = self
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested:
+      raise Preempted(f"{name} again: stopped at once; a checkpoint being written was abandoned and the earlier "
+                      f"ones are intact (run the same command to resume)")
+    self.requested = name
+    print(f"{name}: stopping after the next checkpoint ({name} again stops at once)", file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+    for sig, previous in self.previous.items():
+      signal.signal(sig, previous)
+    if _StopFlag.active is self:
+      _StopFlag.active = None
+
+
+def _stop_flag():
+  """The stop flag in force (the CLI installs one around the whole run, closing included), else a new one."""
+  return contextlib.nullcontext(_StopFlag.active) if _StopFlag.active is not None else _StopFlag()
 
 
 class Run:
@@ -86,22 +107,30 @@ class Run:
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.is_primary = self.process_index == 0
 
+  def say(self, text: str) -> None:
+    """A message of process 0 before the metric logger exists."""
+    if self.is_primary:
+      print(text, flush=True)
+
   def data(self, split: str):
     from MaxText import input_pipeline  # noqa: PLC0415
 
     return input_pipeline.create_iterator(self.config, split, process_index=self.process_index,
                                           process_count=self.process_count)
 
-  def restore_or_init(self, checkpointer, train_data) -> tuple[dict, int]:
-    """The latest checkpoint of the run (state + data position), else fresh or `load_parameters_path`."""
+  def restore_or_init(self, checkpointer, train_data, say: Callable[[str], None] = print) -> tuple[dict, int]:
+    """The newest intact checkpoint of the run (state + data position), else fresh or `load_parameters_path`.
+    Damaged steps and a kept learning-rate schedule are reported through `say`."""
     from MaxText import checkpointing, train_state  # noqa: PLC0415
 
-    latest = checkpointer.latest_step() if checkpointer else None
+    target = train_state.with_shardings(self.abstract, self.shardings)
+    latest = checkpointer.restore_latest(target, say) if checkpointer else None
     if latest is not None:
-      state, data_state = checkpointer.restore(latest, train_state.with_shardings(self.abstract, self.shardings))
+      state, data_state, meta, step = latest
       if train_data is not None:
         train_data.set_state(data_state)
-      return state, latest
+      self._resume_schedule(meta.get("schedule_steps"), say)
+      return state, step
     state = train_state.create_sharded(self.config, self.spec, self.tx, self.shardings)
     if self.config.load_parameters_path:
       abstract_params = train_state.with_shardings(self.spec.shapes, self.shardings["params"])
@@ -119,6 +148,29 @@ class Run:
                    in_shardings=(self.shardings, self.batch_sharding),
                    out_shardings=(self.shardings, None), donate_argnums=(0,))
 
+  def _resume_schedule(self, saved: int | None, say: Callable[[str], None]) -> None:
+    """The schedule's length is the run's: a resume with another `steps` keeps the saved length, unless
+    learning_rate_schedule_steps is given to re-plan it."""
+    config = self.config
+    if saved is None or saved == config.learning_rate_schedule_steps:
+      return
+    if not config.schedule_follows_steps:
+      say(f"learning_rate_schedule_steps={config.learning_rate_schedule_steps} re-plans the learning-rate schedule "
+          f"(the checkpoint's was {saved} steps)")
+      return
+    self.use_schedule(saved)
+    past = (f"; past step {saved} the learning rate holds its final {float(self.schedule(saved)):.3g}"
+            if config.steps > saved else "")
+    say(f"steps={config.steps}: the run keeps its saved {saved}-step learning-rate schedule{past} "
+        f"(learning_rate_schedule_steps=N re-plans it)")
+
+  def use_schedule(self, schedule_steps: int) -> None:
+    """Rebuild the optimizer for a schedule of `schedule_steps` (the state's structure does not change)."""
+    from MaxText import optimizers  # noqa: PLC0415
+
+    self.config = dataclasses.replace(self.config, learning_rate_schedule_steps=schedule_steps)
+    self.tx, self.schedule = optimizers.create(self.config, self.spec.roles)
+
   def evaluate_fn(self):
     import jax  # noqa: PLC0415
 
@@ -128,12 +180,12 @@ class Run:
     return jax.jit(train_step.make_eval_step(self.config, self.spec, token_bytes),
                    in_shardings=(self.shardings["params"], self.batch_sharding))
 
-  def evaluate(self, eval_fn, params, split: str) -> dict[str, float]:
+  def evaluate(self, eval_fn, params, split: str, at_step: int = -1) -> dict[str, float]:
     """Token-weighted loss over `eval_steps` batches of `split` (-1: the whole split)."""
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from MaxText import train_step  # noqa: PLC0415
+    from MaxText import faults, train_step  # noqa: PLC0415
 
     data = self.data(split)
     steps = self.config.eval_steps if self.config.eval_steps > 0 else _agree_max(data.count_batches())
@@ -141,10 +193,12 @@ class Run:
     # A process that runs out first contributes empty rows, so every process runs the same collectives.
     empty = {k: np.zeros((rows, self.config.max_target_length), np.int32) for k in train_step.BATCH_KEYS}
     totals = None
-    for _ in range(steps):
+    for i in range(steps):
       batch = next(data, None) or empty
       sums = eval_fn(params, _global_batch(batch, self.batch_sharding))
       totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+      if i == 0:
+        faults.reached("eval", at_step)
     totals = jax.device_get(totals)
     tokens = float(totals["tokens"])
     loss = float(totals["nll_sum"]) / max(tokens, 1.0)
@@ -155,110 +209,209 @@ class Run:
 
 
 def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
-  """Train `config.steps` steps (resuming the run if it has checkpoints); returns the last metrics."""
-  from MaxText import checkpointing, fs, metrics, profiler, sharding  # noqa: PLC0415
+  """Train `config.steps` steps (resuming the run from its newest intact checkpoint); returns the last
+  metrics, with "stopped_by" set to the signal's name when SIGTERM/SIGINT ended it early.
+
+  DivergenceError when a step is not finite (nan_policy); Preempted on a second signal; StorageError
+  (a ConfigError) when a folder cannot be written or a background save fails.
+  """
+  from MaxText import checkpointing, divergence, fs, metrics, sharding, storage  # noqa: PLC0415
 
   run = Run(config)
-  family = _family(config)
-  flops_per_token = family.flops_per_token(config)
-  tokens_per_step = config.global_batch_size_to_train_on * config.max_target_length
   result: dict[str, Any] = {}
   # Folders this call creates; if it fails, those it left empty are removed (a bad key or file must not
   # leave an empty run behind).
   created = fs.missing((config.run_dir, config.checkpoint_dir), "base_output_directory")
   fs.check_writable(config.run_dir, "base_output_directory")  # a bucket out of reach fails here, in one line
-  with sharding.use_mesh(run.mesh, run.rules), _StopFlag() as stop:
-    checkpointer = logger = trace = None
+  with sharding.use_mesh(run.mesh, run.rules), _stop_flag() as stop:
+    checkpointer = logger = None
     completed = False
     try:
+      if run.is_primary:
+        storage.ensure_folder(config.run_dir, "run folder")
       train_data = run.data(config.train_split)
       if config.eval_interval:
         run.data(config.eval_split)  # a missing or bad evaluation split fails now, not at the first evaluation
       checkpointer = checkpointing.Checkpointer.from_config(config) if config.enable_checkpointing else None
-      state, start_step = run.restore_or_init(checkpointer, train_data)
-      logger = metrics.MetricLogger(config, start_step=start_step, is_primary=run.is_primary, progress=progress)
-      if run.is_primary:
-        fs.makedirs(config.run_dir)
-        fs.write_text(fs.join(config.run_dir, "config.yml"), config.to_yaml())
-        logger.write_text("config", "```\n" + config.to_yaml() + "\n```")
-      peak, peak_source = metrics.peak_flops_per_device(config)
-      logger.message(
-          f"{config.model_name} ({config.decoder_block}): {run.spec.num_params:,} parameters, "
-          f"{flops_per_token / 1e6:,.1f} MFLOPs/token; mesh {dict(run.mesh.shape)}; "
-          f"global batch {config.global_batch_size_to_train_on} x {config.max_target_length} tokens; "
-          f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_source})")
-      if config.print_sharding:
-        from MaxText import sharding_report  # noqa: PLC0415
-
-        logger.message(sharding_report.format_parameters(run.spec, run.abstract, run.shardings))
-      if start_step:
-        logger.message(f"resumed from {config.checkpoint_dir} at step {start_step}")
-      if start_step >= config.steps:
-        logger.message(f"run already trained to step {start_step} >= steps={config.steps}; nothing to do")
-        completed = True
-        return {"step": start_step}
-
-      step_fn = run.train_step_fn()
-      eval_fn = run.evaluate_fn()
-      batch = _global_batch(next(train_data), run.batch_sharding)
-      compile_start = time.perf_counter()
-      step_fn = step_fn.lower(state, batch).compile()
-      result["compile_seconds"] = time.perf_counter() - compile_start
-      logger.message(f"compiled the train step in {result['compile_seconds']:.1f} s")
-
-      step = start_step
-      trace = profiler.Profiler(config, start_step, logger.message)
-      window = metrics.MetricWindow(step, tokens_per_step, flops_per_token, config.num_devices, peak)
-
-      def log_window():
-        row = window.fetch()
-        if row is not None:
-          logged_step = row.pop("step")
-          logger.log(logged_step, row)
-          result.update(step=logged_step, **row)
-
-      while step < config.steps:
-        trace.maybe_start(step)
-        if step > start_step:
-          batch = _global_batch(next(train_data), run.batch_sharding)
-        state, step_metrics = step_fn(state, batch)
-        step += 1
-        trace.maybe_stop(step, step_metrics)
-        log_window()  # the previous window's values, now that this step is queued behind them
-        window.add(step_metrics)
-        if step % config.log_period == 0 or step == config.steps:
-          window.close(step)
-          logger.advance(step)
-        if config.eval_interval and step % config.eval_interval == 0 and step < config.steps:
-          log_window()
-          row = run.evaluate(eval_fn, state["params"], config.eval_split)
-          logger.log(step, row, prefix="eval")
-          result.update({f"eval_{k}": v for k, v in row.items()})
-          window.restart_clock(step)
-        if checkpointer is not None:
-          checkpointer.save(step, state, train_data.get_state())
-        if _stop_agreed(stop.requested, step, config):
-          logger.message(f"SIGTERM: stopping at step {step} after a checkpoint")
-          break
-      log_window()
-      if step == config.steps and config.eval_interval:
-        row = run.evaluate(eval_fn, state["params"], config.eval_split)
-        logger.log(step, row, prefix="eval")
-        result.update({f"eval_{k}": v for k, v in row.items()})
       if checkpointer is not None:
-        checkpointer.save(step, state, train_data.get_state(), force=True)
+        checkpointer.ensure_space(run.abstract)
+      state, start_step = run.restore_or_init(checkpointer, train_data, say=run.say)
+      config = run.config  # a resumed run may keep its saved learning-rate schedule
+      logger = metrics.MetricLogger(config, start_step=start_step, is_primary=run.is_primary, progress=progress,
+                                    resume=True)
+      if run.is_primary:
+        _write_config(config, logger)
+      peak = metrics.peak_flops_per_device(config)
+      _describe_run(run, logger, start_step, peak)
+      eval_fn = run.evaluate_fn() if config.eval_interval else None
+      if start_step >= config.steps:
+        if eval_fn is not None and not logger.logged(start_step, "eval"):
+          logger.message(f"step {start_step}: the final evaluation is missing (the run stopped before it); running it")
+          result.update(_evaluate(run, eval_fn, state, start_step, logger))
+        else:
+          logger.message(f"run already trained to step {start_step} >= steps={config.steps}; nothing to do")
+        completed = True
+        return {"step": start_step, **result}
+      guard = divergence.Guard.from_config(config)
+      state, step = _train(run, state, start_step, train_data, checkpointer, logger, eval_fn, guard, stop, result,
+                           peak[0])
+      if step == config.steps and eval_fn is not None:
+        result.update(_evaluate(run, eval_fn, state, step, logger, guard, checkpointer))
+      if checkpointer is not None:
+        _check_finite(guard, checkpointer)
+        checkpointer.save(step, state, train_data.get_state(), _meta(config), force=True)
+        faults_reached("save", step)
+      if stop.requested and step < config.steps:
+        result["stopped_by"] = stop.requested
       result["step"] = step
       completed = True
-      return result
     finally:
-      if trace is not None:
-        trace.close()
-      if checkpointer is not None:
-        checkpointer.close()
-      if logger is not None:
-        logger.close()
+      _close(checkpointer, logger, completed, abandon=isinstance(sys.exc_info()[1], Preempted))
       if not completed:
         _remove_empty(reversed(created))
+  return result
+
+
+def faults_reached(kind: str, step: int) -> None:
+  from MaxText import faults  # noqa: PLC0415
+
+  faults.reached(kind, step)
+
+
+def _train(run, state, start_step, train_data, checkpointer, logger, eval_fn, guard, stop, result, peak):
+  """The step loop, from `start_step` to `steps` or a signal; returns (state, step)."""
+  from MaxText import metrics, profiler  # noqa: PLC0415
+
+  config = run.config
+  flops_per_token = _family(config).flops_per_token(config)
+  tokens_per_step = config.global_batch_size_to_train_on * config.max_target_length
+  step_fn = run.train_step_fn()
+  batch = _global_batch(next(train_data), run.batch_sharding)
+  compile_start = time.perf_counter()
+  step_fn = step_fn.lower(state, batch).compile()
+  result["compile_seconds"] = time.perf_counter() - compile_start
+  logger.message(f"compiled the train step in {result['compile_seconds']:.1f} s")
+
+  step = start_step
+  window = metrics.MetricWindow(step, tokens_per_step, flops_per_token, config.num_devices, peak)
+  trace = profiler.Profiler(config, start_step, logger.message)
+  try:
+    return _steps(run, state, step, start_step, step_fn, batch, train_data, checkpointer, logger, eval_fn, guard,
+                  stop, result, window, trace)
+  finally:
+    trace.close()
+
+
+def _steps(run, state, step, start_step, step_fn, batch, train_data, checkpointer, logger, eval_fn, guard, stop,
+           result, window, trace):
+  config = run.config
+
+  def log_window():
+    row = window.fetch()
+    if row is not None:
+      logged_step = row.pop("step")
+      logger.log(logged_step, row)
+      result.update(step=logged_step, **row)
+      _check_finite(guard, checkpointer)  # the fetch waited for those steps already
+
+  while step < config.steps:
+    trace.maybe_start(step)
+    if step > start_step:
+      batch = _global_batch(next(train_data), run.batch_sharding)
+    state, step_metrics = step_fn(state, batch)
+    step += 1
+    trace.maybe_stop(step, step_metrics)
+    faults_reached("step", step)
+    guard.add(step_metrics, step)
+    log_window()  # the previous window's values, now that this step is queued behind them
+    window.add(step_metrics)
+    if step % config.log_period == 0 or step == config.steps:
+      window.close(step)
+      logger.advance(step)
+    if checkpointer is not None:
+      checkpointer.check()  # a failed background save stops the run now, not at the next save
+    if step == config.steps:
+      break  # the final evaluation comes before the final save, so a kill cannot lose it
+    if config.eval_interval and step % config.eval_interval == 0:
+      log_window()
+      result.update(_evaluate(run, eval_fn, state, step, logger, guard, checkpointer))
+      window.restart_clock(step)
+    if checkpointer is not None and checkpointer.due(step):
+      _check_finite(guard, checkpointer)
+      checkpointer.save(step, state, train_data.get_state(), _meta(config))
+      faults_reached("save", step)
+    if _stop_agreed(bool(stop.requested), step, config):
+      logger.message(f"{stop.requested or 'SIGTERM'}: stopping at step {step} after a checkpoint")
+      break
+  log_window()
+  return state, step
+
+
+def _evaluate(run, eval_fn, state, step, logger, guard=None, checkpointer=None) -> dict[str, float]:
+  if guard is not None:
+    _check_finite(guard, checkpointer)
+  row = run.evaluate(eval_fn, state["params"], run.config.eval_split, at_step=step)
+  logger.log(step, row, prefix="eval")
+  return {f"eval_{k}": v for k, v in row.items()}
+
+
+def _check_finite(guard, checkpointer) -> None:
+  steps = checkpointer.all_steps() if checkpointer is not None else []
+  guard.check(max(steps) if steps else None)
+
+
+def _meta(config) -> dict:
+  """What a checkpoint records about the run besides its state (checkpointing adds the checksums)."""
+  return {"schedule_steps": config.learning_rate_schedule_steps}
+
+
+def _write_config(config, logger) -> None:
+  from MaxText import fs, storage  # noqa: PLC0415
+
+  path = fs.join(config.run_dir, "config.yml")
+  if fs.is_remote(path):
+    fs.write_text(path, config.to_yaml())  # its errors are one-line StorageErrors naming the path
+    logger.write_text("config", "```\n" + config.to_yaml() + "\n```")
+    return
+  try:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(config.to_yaml())
+  except OSError as e:
+    raise errors.StorageError(f"cannot write {path}: {storage.describe_os_error(e)}") from None
+  logger.write_text("config", "```\n" + config.to_yaml() + "\n```")
+
+
+def _describe_run(run, logger, start_step: int, peak: tuple[float, str]) -> None:
+  config = run.config
+  peak, peak_source = peak
+  logger.message(
+      f"{config.model_name} ({config.decoder_block}): {run.spec.num_params:,} parameters, "
+      f"{_family(config).flops_per_token(config) / 1e6:,.1f} MFLOPs/token; mesh {dict(run.mesh.shape)}; "
+      f"global batch {config.global_batch_size_to_train_on} x {config.max_target_length} tokens; "
+      f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_source})")
+  if config.print_sharding:
+    from MaxText import sharding_report  # noqa: PLC0415
+
+    logger.message(sharding_report.format_parameters(run.spec, run.abstract, run.shardings))
+  if start_step:
+    logger.message(f"resumed from {config.checkpoint_dir} at step {start_step}")
+
+
+def _close(checkpointer, logger, completed: bool, abandon: bool) -> None:
+  """Close the writers. On success a failed background save raises here; after another error it is
+  dropped so the first error is the one reported; after a second signal the save in flight is abandoned."""
+  try:
+    if checkpointer is not None:
+      if completed:
+        checkpointer.close()
+      else:
+        try:
+          checkpointer.close(abandon=abandon)
+        except ConfigError:
+          pass
+  finally:
+    if logger is not None:
+      logger.close()
 
 
 def _remove_empty(folders) -> None:
@@ -288,7 +441,8 @@ def evaluate_checkpoint(config) -> dict[str, float]:
   split = config.eval_split if config.mode == "validation" else config.test_split
   with sharding.use_mesh(run.mesh, run.rules):
     abstract_params = train_state.with_shardings(run.spec.shapes, run.shardings["params"])
-    params, step, _ = checkpointing.run_parameters(config, abstract_params, f"mode={config.mode}")
+    params, step, _ = checkpointing.run_parameters(config, abstract_params, f"mode={config.mode}",
+                                                   say=lambda text: print(text, file=sys.stderr, flush=True))
     row = run.evaluate(run.evaluate_fn(), params, split)
   logger = metrics.MetricLogger(config, start_step=step, is_primary=run.is_primary, progress=False)
   logger.log(step, row, prefix=config.mode)
@@ -360,17 +514,29 @@ def main(argv: list[str] | None = None) -> int:
     if counting:
       print(count_params(config))
     elif config.mode == "train":
-      train_and_evaluate(config)
+      with _stop_flag():  # installed until the checkpoints are closed, not only around the loop
+        if train_and_evaluate(config).get("stopped_by"):
+          return errors.EXIT_PREEMPTED
     else:
       evaluate_checkpoint(config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return errors.EXIT_ERROR
+  except DivergenceError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return errors.EXIT_DIVERGED
+  except Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return errors.EXIT_PREEMPTED
+  except OSError as e:  # a disk or permission fault outside the paths checked before training
+    where = f" {e.filename}" if e.filename else ""
+    print(f"error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+    return errors.EXIT_ERROR
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
-  return 0
+  return errors.EXIT_OK
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

@@ -41,7 +41,10 @@ def split_micro_batches(batch: dict, n: int) -> dict:
 
 def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> Callable[[dict, dict], tuple[dict, dict]]:
+  """`nan_policy: skip` keeps the old parameters and optimizer state when the loss, the gradient norm or the
+  new parameters are not finite, and reports `skipped_steps` (divergence.py reads the same metrics)."""
   accumulation = config.gradient_accumulation_steps
+  skip_nonfinite = config.nan_policy == "skip"
   z_loss = config.z_loss_multiplier
   # Statistics parameters take their summed gradient whole; the rest the per-token mean.
   per_token = jax.tree.map(lambda role: role not in STATISTICS_ROLES, spec.roles)
@@ -77,6 +80,12 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
         "param_norm": optax.global_norm(new_params),
         "learning_rate": schedule(state["step"]),
     }
+    if skip_nonfinite:
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics["param_norm"])
+      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      new_params = jax.tree.map(keep, new_params, params)
+      opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+      metrics["skipped_steps"] = jnp.logical_not(finite).astype(jnp.float32)
     new_state = {**state, "step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     return new_state, metrics
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from MaxText.errors import ConfigError
 from MaxText.registry import Registry
 from MaxText.sharding import constrain
 
@@ -205,6 +206,8 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, activations: Sequence[str], *, init, out_init=None, dtype,
                weight_dtype, rngs: nnx.Rngs, use_bias: bool = False):
+    if hidden < 1:
+      raise ConfigError(f"config key 'base_mlp_dim' must be positive for a model with an MLP, got {hidden}")
     self.dtype, self.activations, self.use_bias = dtype, tuple(activations), use_bias
     zeros = constant(0.0)
     for i in range(len(self.activations)):  # named wi_0, wi_1 as in MaxText, not a list
