@@ -371,9 +371,19 @@ def load_parameters(path: str, abstract_params: Any) -> Any:
   if tensor_files.is_parameter_folder(path):
     return load_converted(path, abstract_params)
   quiet_library_logs()
-  step_dir = Path(os.path.abspath(os.path.expanduser(path)))  # Orbax wants an absolute path
-  markers = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "_sharding")
-  if not (step_dir / "state").is_dir() and not any((step_dir / m).exists() for m in markers):
+  if fs.is_remote(path):  # a bucket: reached through the filesystem layer, read by Orbax through epath
+    from etils import epath  # noqa: PLC0415
+
+    try:
+      found = fs.isdir(fs.join(path, "state")) or fs.isdir(path)
+    except StorageError as e:
+      raise CheckpointError(f"load_parameters_path: {e}") from None
+    step_dir = epath.Path(path)
+  else:
+    step_dir = Path(os.path.abspath(os.path.expanduser(path)))  # Orbax wants an absolute path
+    markers = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "_sharding")
+    found = (step_dir / "state").is_dir() or any((step_dir / m).exists() for m in markers)
+  if not found:
     raise CheckpointError(f"load_parameters_path {path!r} is not a checkpoint step folder (expected <run>/checkpoints/<step>)")
   try:
     return _read_params(step_dir, abstract_params, f"load_parameters_path {path!r}")

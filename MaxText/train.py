@@ -222,7 +222,8 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   # Folders this call creates; if it fails, those it left empty are removed (a bad key or file must not
   # leave an empty run behind).
   created = fs.missing((config.run_dir, config.checkpoint_dir), "base_output_directory")
-  fs.check_writable(config.run_dir, "base_output_directory")  # a bucket out of reach fails here, in one line
+  if fs.is_remote(config.run_dir):  # a bucket out of reach fails here, in one line (local folders: storage)
+    fs.check_writable(config.run_dir, "base_output_directory")
   with sharding.use_mesh(run.mesh, run.rules), _stop_flag() as stop:
     checkpointer = logger = None
     completed = False
