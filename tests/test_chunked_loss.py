@@ -48,7 +48,8 @@ def assert_same(chunked, whole, rtol):
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * largest), grads, want_grads)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in ("mudd", "transformer_vq") else f
+                                    for f in sorted(FAMILIES)])  # mudd and transformer_vq: `-m slow` (10-20 s each)
 def test_chunked_loss_and_gradients_equal_the_whole_logits(make_config, family):
   overrides = dict(z_loss_multiplier=1e-2, **FAMILIES[family])
   whole = make_config(**overrides)

@@ -45,7 +45,13 @@ def _shrunk(name: str) -> dict:
   return values
 
 
-@pytest.mark.parametrize("name", _one_per_switch_group())
+# The slowest groups (15-25 s each on 2 cores) run with `-m slow`; their families and switches are also
+# covered by the families' own tests.
+SLOW = {"MUDDFormer2B8", "MUDDLlama2DeepNarrow1B3", "MUDDLlama2Large", "TransformerVQEnwik8", "TransformerVQImageNet64"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in _one_per_switch_group()])
 def test_every_kind_of_preset_trains(name, make_config):
   config = make_config(f"model_name={name}", **_shrunk(name), steps=3, per_device_batch_size=2.0)
   assert config.model_name == name
