@@ -81,7 +81,10 @@ def choose_point(rng: random.Random, turn: int, after: int, values: dict, max_de
   steps = candidate_points(kind, after, values) or candidate_points("step", after, values)
   if not candidate_points(kind, after, values):
     kind = "step"
-  return kind, rng.choice(steps), round(rng.uniform(0.0, max_delay), 3)
+  step, delay = rng.choice(steps), round(rng.uniform(0.0, max_delay), 3)
+  if step == values["steps"]:
+    delay = 0.0  # the run may be gone before a delayed kill at its last step's point: kill at the point itself
+  return kind, step, delay
 
 
 def load_state(step_dir: Path) -> dict:
