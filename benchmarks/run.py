@@ -76,7 +76,9 @@ def byte_corpus(cache: Path) -> Path:
 
 
 def measure_peak(dtype: str) -> float:
-  from MaxText import metrics  # noqa: PLC0415
+  from MaxText import distributed, metrics  # noqa: PLC0415
+
+  distributed.skip_absent_tpu()  # as train.py does: libtpu (installed for AOT compiles) stays unloaded here
 
   return metrics.measure_matmul_peak(dtype)
 
