@@ -44,6 +44,9 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
   """`nan_policy: skip` keeps the old parameters and optimizer state when the loss, the gradient norm or the
   new parameters are not finite, and reports `skipped_steps` (divergence.py reads the same metrics)."""
   accumulation = config.gradient_accumulation_steps
+  # Unrolled, the micro-batches' gradients depend on nothing but the parameters, so XLA's runtime can
+  # compute them at the same time; only their sum waits for all of them.
+  unroll = bool(config.gradient_accumulation_unroll)
   skip_nonfinite = config.nan_policy == "skip"
   z_loss = config.z_loss_multiplier
   # Statistics parameters take their summed gradient whole; the rest the per-token mean.
@@ -65,7 +68,7 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
 
       zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params),
                {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
-      (grads, sums), _ = jax.lax.scan(body, zeros, split_micro_batches(batch, accumulation))
+      (grads, sums), _ = jax.lax.scan(body, zeros, split_micro_batches(batch, accumulation), unroll=unroll)
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g, mean: g / tokens if mean else g, grads, per_token)
     updates, opt_state = tx.update(grads, state["opt_state"], params)

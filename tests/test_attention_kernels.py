@@ -127,3 +127,23 @@ def test_splash_refuses_what_it_cannot_run(make_config, overrides, message):
 def test_splash_blocks_divide_the_length():
   assert [attention_splash.block_length(n) for n in (128, 256, 384, 512, 640, 1024, 2048)] == [
       128, 256, 384, 512, 128, 512, 512]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["as_many_kv_heads", "grouped"])
+def test_the_plain_kernel_equals_jax_dot_product_attention(kv_heads):
+  """dot_product (its four-axis path when K == H, the five-axis one for grouped heads) against
+  jax.nn.dot_product_attention's XLA implementation, forward and gradients; on a CPU `autoselected` is
+  dot_product itself."""
+  q, k, v, mask = packed_batch(B=3, L=48, H=4, K=kv_heads, E=8)
+  scale = 8 ** -0.5
+
+  def reference(q, k, v, mask, *, scale):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], scale=scale, implementation="xla")
+
+  want = loss_and_grads(reference, q, k, v, mask, scale)
+  got = loss_and_grads(attention.dot_product, q, k, v, mask, scale)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert_close(g, w, 1e-5)
+  auto = loss_and_grads(attention.autoselected, q, k, v, mask, scale)
+  for a, g in zip(jax.tree.leaves(auto), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, g)

@@ -130,11 +130,13 @@ def test_a_mesh_axis_is_used_once_per_array():
   assert sharding.logical_to_spec(("activation_batch", "embed"), rules) == P(("data", "fsdp"), None)
 
 
-@pytest.mark.parametrize("mesh", [dict(num_devices=1), MESH_222])
-def test_gradient_accumulation_equals_one_big_batch(make_config, mesh):
+@pytest.mark.parametrize("mesh,unroll", [(dict(num_devices=1), False), (dict(num_devices=1), True), (MESH_222, False)])
+def test_gradient_accumulation_equals_one_big_batch(make_config, mesh, unroll):
+  """Scanned or unrolled (gradient_accumulation_unroll: the micro-batches computed side by side)."""
   devices = mesh["num_devices"]
   big = make_config(per_device_batch_size=16.0 / devices, **mesh)
-  accumulated = make_config(per_device_batch_size=4.0 / devices, gradient_accumulation_steps=4, **mesh)
+  accumulated = make_config(per_device_batch_size=4.0 / devices, gradient_accumulation_steps=4,
+                            gradient_accumulation_unroll=unroll, **mesh)
   assert big.global_batch_size_to_train_on == accumulated.global_batch_size_to_train_on == 16
   batch = global_batch(big, seed=3)
   sgd = optax.sgd(1.0)  # params - grads, so equal params mean equal gradients
