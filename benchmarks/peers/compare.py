@@ -3,7 +3,8 @@ so only figures taken in one sitting, interleaved, are compared).
 
   python benchmarks/peers/compare.py nanogpt --peer_dir ~/nanoGPT [--rounds 3] [--steps 200]
   python benchmarks/peers/compare.py nanogpt --peer_dir ~/nanoGPT --full      # 2000 steps, validation loss
-  python benchmarks/peers/compare.py maxtext --peer_dir ~/maxtext --peer_python ~/maxtext/venv/bin/python
+  python benchmarks/peers/compare.py maxtext --peer_dir ~/maxtext --peer_python ~/maxtext/venv/bin/python \
+      [per_device_batch_size=4 gradient_accumulation_steps=2 gradient_accumulation_unroll=true]
 
 nanoGPT: its README's CPU command for character-level Shakespeare (4 layers, 4 heads, width 128, 64-token
 context, batch 12, no dropout, eager PyTorch), against this trainer's GPT with the same shapes on the same
@@ -107,7 +108,7 @@ def main() -> int:
   parser.add_argument("--steps", type=int, default=0, help="steps per run (default 200 nanoGPT, 30 MaxText)")
   parser.add_argument("--full", action="store_true", help="nanoGPT: 2000 steps with a final validation loss")
   parser.add_argument("overrides", nargs="*", help="key=value for this trainer's runs")
-  args = parser.parse_args()
+  args = parser.parse_intermixed_args()  # key=value overrides before or after the options
   peer_dir = args.peer_dir.expanduser().resolve()
   steps = args.steps or (2000 if args.full else 200 if args.peer == "nanogpt" else 30)
   rounds = []
