@@ -127,16 +127,16 @@ def normalize(x, scale, bias, eps: float, centre: bool, dtype) -> jax.Array:
   chains of broadcasts and reductions that XLA fuses poorly (on a CPU the norms of a small GPT took a third of
   its step). The forward pass is the same arithmetic either way.
   """
-  return _normalize(x, scale, bias, eps, centre, jnp.dtype(dtype))
+  return _normalize(x, scale, bias, eps, centre, jnp.dtype(dtype), jnp.dtype(x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _normalize(x, scale, bias, eps, centre, dtype):
-  return _normalize_forward(x, scale, bias, eps, centre, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _normalize(x, scale, bias, eps, centre, dtype, x_dtype):
+  return _normalize_forward(x, scale, bias, eps, centre, dtype, x_dtype)[0]
 
 
-def _normalize_forward(x, scale, bias, eps, centre, dtype):
-  x_dtype = jnp.zeros((0,), x.dtype)  # carries the input's dtype to the backward pass
+def _normalize_forward(x, scale, bias, eps, centre, dtype, x_dtype):
+  del x_dtype  # the backward pass's: the dtype of x's cotangent
   x = x.astype(jnp.float32)
   if centre:
     x = x - jnp.mean(x, axis=-1, keepdims=True)
@@ -147,12 +147,12 @@ def _normalize_forward(x, scale, bias, eps, centre, dtype):
     y = y * scale.astype(jnp.float32)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
-  return y.astype(dtype), (xhat, rstd, scale, bias, x_dtype)
+  return y.astype(dtype), (xhat, rstd, scale, bias)
 
 
-def _normalize_backward(eps, centre, dtype, residuals, dy):
+def _normalize_backward(eps, centre, dtype, x_dtype, residuals, dy):
   del eps, dtype
-  xhat, rstd, scale, bias, x_dtype = residuals
+  xhat, rstd, scale, bias = residuals
   dy = dy.astype(jnp.float32)
   leading = tuple(range(dy.ndim - 1))
   dscale = None if scale is None else jnp.sum(dy * xhat, axis=leading).astype(scale.dtype)
@@ -162,7 +162,7 @@ def _normalize_backward(eps, centre, dtype, residuals, dy):
   dx = dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True)
   if centre:
     dx = dx - jnp.mean(dxhat, axis=-1, keepdims=True)
-  return (dx * rstd).astype(x_dtype.dtype), dscale, dbias
+  return (dx * rstd).astype(x_dtype), dscale, dbias
 
 
 _normalize.defvjp(_normalize_forward, _normalize_backward)
