@@ -85,34 +85,13 @@ def _take_step(args: list[str]) -> tuple[list[str], int | None]:
   return rest, step
 
 
-class _Cast(Mapping):
-  """Their tensors, cast to `dtype` as they are read (so stacks are built in the output dtype)."""
-
-  def __init__(self, tensors: Mapping, dtype):
-    self.tensors, self.dtype = tensors, dtype
-
-  def __getitem__(self, name):
-    a = np.asarray(self.tensors[name])
-    return a if self.dtype is None or a.dtype == self.dtype else a.astype(self.dtype)
-
-  def __contains__(self, name):
-    return name in self.tensors
-
-  def __iter__(self):
-    return iter(self.tensors)
-
-  def __len__(self):
-    return len(self.tensors)
-
-
-class _Seen(Mapping):
-  """Records which tensors a family's from_hf read."""
+class _View(Mapping):
+  """A read-only view of a name -> tensor mapping; subclasses change what reading a tensor does."""
 
   def __init__(self, tensors: Mapping):
-    self.tensors, self.seen = tensors, set()
+    self.tensors = tensors
 
   def __getitem__(self, name):
-    self.seen.add(name)
     return self.tensors[name]
 
   def __contains__(self, name):
@@ -123,6 +102,30 @@ class _Seen(Mapping):
 
   def __len__(self):
     return len(self.tensors)
+
+
+class _Cast(_View):
+  """Their tensors, cast to `dtype` as they are read (so stacks are built in the output dtype)."""
+
+  def __init__(self, tensors: Mapping, dtype):
+    super().__init__(tensors)
+    self.dtype = dtype
+
+  def __getitem__(self, name):
+    a = np.asarray(self.tensors[name])
+    return a if self.dtype is None or a.dtype == self.dtype else a.astype(self.dtype)
+
+
+class _Seen(_View):
+  """Records which tensors a family's from_hf read."""
+
+  def __init__(self, tensors: Mapping):
+    super().__init__(tensors)
+    self.seen = set()
+
+  def __getitem__(self, name):
+    self.seen.add(name)
+    return self.tensors[name]
 
 
 def _yaml_config(keys: dict[str, Any], header: str) -> str:
