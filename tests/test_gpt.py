@@ -38,6 +38,32 @@ def init(config, randomize_head_q=False):
   return spec, params
 
 
+def with_zero_biases(params, config):
+  """`params` of a use_bias=false model plus the zero biases the reference adds (it always adds them)."""
+  N, D, F = config.base_num_decoder_layers, config.base_emb_dim, config.base_mlp_dim
+  H, K, E = config.base_num_query_heads, config.base_num_kv_heads, config.head_dim
+  layers_ = dict(params["layers"])
+  layers_["attention"] = {**params["layers"]["attention"], "bq": jnp.zeros((N, H, E)), "bk": jnp.zeros((N, K, E)),
+                          "bv": jnp.zeros((N, K, E)), "bo": jnp.zeros((N, D))}
+  layers_["mlp"] = {**params["layers"]["mlp"], "bi_0": jnp.zeros((N, F)), "bo": jnp.zeros((N, D))}
+  for norm in ("pre_attention_norm", "pre_mlp_norm"):
+    layers_[norm] = {**params["layers"][norm], "bias": jnp.zeros((N, D))}
+  return {**params, "layers": layers_, "final_norm": {**params["final_norm"], "bias": jnp.zeros((D,))}}
+
+
+def test_use_bias_false_drops_every_bias_and_keeps_the_gains(gpt_config):
+  def names(config):
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(init(config)[1])[0]}
+
+  with_bias, without = names(gpt_config()), names(gpt_config(use_bias=False))
+  dropped = sorted(with_bias - without)
+  assert without < with_bias
+  # bq bk bv bo, the MLP's bi_0 and bo, both LayerNorms' biases and the final one
+  assert len(dropped) == 9 and all(d.endswith(("['bq']", "['bk']", "['bv']", "['bo']", "['bi_0']", "['bias']"))
+                                   for d in dropped), dropped
+  assert sum(n.endswith("['scale']") for n in without) == 3
+
+
 def one_document(config, batch=2, seed=0):
   L = config.max_target_length
   tokens = jax.random.randint(jax.random.key(seed), (batch, L), 0, config.vocab_size)
@@ -55,13 +81,15 @@ def forward(spec, tokens, positions, segment_ids):
 @pytest.mark.parametrize("flags", [
     {},  # GPT-2: learned positions, sequential block, tied readout
     {**ALL_FLAGS, "parallel_residual": False, "base_num_kv_heads": 2, "scan_layers": True,
-     "logits_via_embedding": False, "attention": "dot_product", "use_norm_gains": False}])
+     "logits_via_embedding": False, "attention": "dot_product", "use_norm_gains": False},
+    {"use_bias": False}])  # nanoGPT's bias=False: the reference runs with zero biases
 def test_logits_match_plain_jnp_reference(gpt_config, flags):
   config = gpt_config(base_num_decoder_layers=2, **flags)
   spec, params = init(config, randomize_head_q=config.head_qk)
   tokens, positions, segment_ids = one_document(config)
   got = forward(spec, tokens, positions, segment_ids)(params)
-  want = jax.jit(lambda p: reference_gpt.logits(p, config, tokens))(params)
+  reference_params = params if config.use_bias else with_zero_biases(params, config)
+  want = jax.jit(lambda p: reference_gpt.logits(p, config, tokens))(reference_params)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

@@ -8,6 +8,7 @@ projections of each layer at init_weights_std / sqrt(2N). The flags (base_v2.yml
   static_sgu         mix = concat(band kernel over the first D/2 channels, attention over the other D/2)
   head_qk            output logits_i[v] += sum over earlier j with x_j = v of q_i.k_j / R
   qk_norm            unit queries and keys per head, times a learned per-head scale
+  use_bias           false drops every bias (projections and LayerNorms; nanoGPT's bias=False)
 """
 
 from __future__ import annotations
@@ -83,21 +84,23 @@ class Attention(nnx.Module):
     hidden = dict(role="hidden", dtype=weight_dtype)
     bias = dict(role="bias", dtype=weight_dtype)
     self.wq = layers.param(rngs, init, (D, H, E), ("embed", "heads", "head_dim"), fan_in=D, tag="query", **hidden)
-    self.bq = layers.param(rngs, zeros, (H, E), ("heads", "head_dim"), **bias)
     self.wk = layers.param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"), fan_in=D, **hidden)
-    self.bk = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias)
     self.wv = layers.param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"), fan_in=D, **hidden)
-    self.bv = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias)
     self.wo = layers.param(rngs, residual_init, (H, E, D), ("heads", "head_dim", "embed"), fan_in=H * E, **hidden)
-    self.bo = layers.param(rngs, zeros, (D,), ("embed",), **bias)
+    self.use_bias = config.use_bias
+    if config.use_bias:
+      self.bq = layers.param(rngs, zeros, (H, E), ("heads", "head_dim"), **bias)
+      self.bk = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias)
+      self.bv = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias)
+      self.bo = layers.param(rngs, zeros, (D,), ("embed",), **bias)
     if config.qk_norm:
       self.qk_scale = layers.param(rngs, layers.constant(1.0), (H,), ("heads",), role="gain", dtype=weight_dtype)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, key_segment_BS=None, stats=None):
     dt = self.dtype
-    q_BLHE = jnp.einsum("bld,dhe->blhe", x_BLD, self.wq[...].astype(dt)) + self.bq[...].astype(dt)
-    k_BLKE = jnp.einsum("bld,dke->blke", x_BLD, self.wk[...].astype(dt)) + self.bk[...].astype(dt)
-    v_BLKE = jnp.einsum("bld,dke->blke", x_BLD, self.wv[...].astype(dt)) + self.bv[...].astype(dt)
+    q_BLHE = self.add_bias(jnp.einsum("bld,dhe->blhe", x_BLD, self.wq[...].astype(dt)), "bq")
+    k_BLKE = self.add_bias(jnp.einsum("bld,dke->blke", x_BLD, self.wk[...].astype(dt)), "bk")
+    v_BLKE = self.add_bias(jnp.einsum("bld,dke->blke", x_BLD, self.wv[...].astype(dt)), "bv")
     q_BLHE, k_BLKE = checkpoint_name(q_BLHE, "query_proj"), checkpoint_name(k_BLKE, "key_proj")
     v_BLKE = checkpoint_name(v_BLKE, "value_proj")
     if self.qk_norm:
@@ -106,7 +109,7 @@ class Attention(nnx.Module):
     q_BLHE, k_BLKE, v_BLKE = constrain(q_BLHE, BLHE), constrain(k_BLKE, BLKE), constrain(v_BLKE, BLKE)
 
     def output(out_BLHE):
-      return jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+      return self.add_bias(jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)), "bo")
 
     def bias(mask):
       return alibi_bias(mask.q_position_BL, mask.k_position_BS, self.num_heads)
@@ -115,6 +118,9 @@ class Attention(nnx.Module):
         q_BLHE, k_BLKE, v_BLKE, positions_BL, segment_ids_BL, cache, key_segment_BS, scale=self.scale,
         implementation=self.implementation, stats=stats, output=output, bias=bias if self.alibi else None)
     return checkpoint_name(out_BLD, "out_proj"), cache
+
+  def add_bias(self, y, name: str):
+    return y + getattr(self, name)[...].astype(self.dtype) if self.use_bias else y
 
 
 class Block(nnx.Module):
@@ -126,7 +132,7 @@ class Block(nnx.Module):
     self.parallel = config.parallel_residual
     self.sgu_width = config.sgu_band_width if config.static_sgu else None
     norm = dict(eps=config.normalization_layer_epsilon, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs,
-                use_scale=config.use_norm_gains)
+                use_scale=config.use_norm_gains, use_bias=config.use_bias)
     if self.parallel:
       self.norm = layers.LayerNorm(D, **norm)
     else:
@@ -138,7 +144,7 @@ class Block(nnx.Module):
       self.attention = Attention(config, D, config.head_dim, rngs=rngs)
     residual_init = layers.normal(config.init_weights_std / math.sqrt(2 * config.base_num_decoder_layers))
     self.mlp = layers.MLP(D, config.base_mlp_dim, config.mlp_activations, init=layers.normal(config.init_weights_std),
-                          out_init=residual_init, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs, use_bias=True)
+                          out_init=residual_init, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs, use_bias=config.use_bias)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, key_segment_BS=None, stats=None):
     h_BLD = self.norm(x_BLD) if self.parallel else self.pre_attention_norm(x_BLD)
@@ -177,7 +183,8 @@ class Block(nnx.Module):
 class GPT(decoder.Decoder):
   """Embedding (+ positions) -> N GPT blocks (scanned or unrolled) -> LayerNorm -> logits (+ head-QK)."""
 
-  config_keys = ("alibi", "parallel_residual", "static_sgu", "sgu_band_width", "head_qk", "head_qk_dim", "qk_norm")
+  config_keys = ("alibi", "parallel_residual", "static_sgu", "sgu_band_width", "head_qk", "head_qk_dim", "qk_norm",
+                 "use_bias")
   Block = Block
   Norm = layers.LayerNorm
 
@@ -187,6 +194,12 @@ class GPT(decoder.Decoder):
       self.position_embedding = layers.param(rngs, layers.normal(c.init_weights_std), (c.max_target_length,
                                              c.base_emb_dim), (None, "embed"), role="embedding",
                                              dtype=layers.dtypes(c)[1])
+
+  def make_norm(self, rngs: nnx.Rngs) -> nnx.Module:
+    c = self.config
+    dtype, weight_dtype = layers.dtypes(c)
+    return layers.LayerNorm(c.base_emb_dim, eps=c.normalization_layer_epsilon, dtype=dtype, weight_dtype=weight_dtype,
+                            rngs=rngs, use_scale=c.use_norm_gains, use_bias=c.use_bias)
 
   def make_head(self, rngs: nnx.Rngs) -> None:
     c = self.config
