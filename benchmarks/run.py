@@ -41,7 +41,7 @@ NANOGPT_SHAKESPEARE = ["model_name=GPTTiny", "base_emb_dim=128", "base_num_decod
                        "base_num_query_heads=4", "base_num_kv_heads=4", "base_mlp_dim=512", "vocab_size=260",
                        "tokenizer_type=byte", "max_target_length=64", "per_device_batch_size=6",
                        "gradient_accumulation_steps=2", "gradient_accumulation_unroll=true",
-                       "learning_rate=1e-3", "adam_b2=0.99", "warmup_steps_fraction=0.05"]
+                       "learning_rate=1e-3", "adam_b2=0.99", "warmup_steps_fraction=0.05", "use_bias=false"]
 
 PRESETS = {
     "cpu": {
