@@ -57,12 +57,13 @@ class Decoder(ModelFamily):
     self.layers = layers.make_stack(self.config.base_num_decoder_layers,
                                     lambda r: self.Block(self.config, rngs=r), rngs)
 
-  def make_norm(self, rngs: nnx.Rngs) -> nnx.Module:
-    """A D-wide norm of the family's `Norm` class, with gains unless use_norm_gains is false."""
+  def make_norm(self, rngs: nnx.Rngs, **options) -> nnx.Module:
+    """A D-wide norm of the family's `Norm` class, with gains unless use_norm_gains is false; `options` go to
+    the class as they are (e.g. GPT's use_bias)."""
     c = self.config
     dtype, weight_dtype = layers.dtypes(c)
     return self.Norm(c.base_emb_dim, eps=c.normalization_layer_epsilon, dtype=dtype, weight_dtype=weight_dtype,
-                     rngs=rngs, use_scale=c.use_norm_gains)
+                     rngs=rngs, use_scale=c.use_norm_gains, **options)
 
   def make_head(self, rngs: nnx.Rngs) -> None:
     """Parameters of the output side besides the unembedding (none by default)."""

@@ -83,24 +83,23 @@ class Attention(nnx.Module):
     zeros = layers.constant(0.0)
     hidden = dict(role="hidden", dtype=weight_dtype)
     bias = dict(role="bias", dtype=weight_dtype)
+    on = config.use_bias  # each param draws a key: this order keeps the weights' draws of earlier releases
     self.wq = layers.param(rngs, init, (D, H, E), ("embed", "heads", "head_dim"), fan_in=D, tag="query", **hidden)
+    self.bq = layers.param(rngs, zeros, (H, E), ("heads", "head_dim"), **bias) if on else None
     self.wk = layers.param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"), fan_in=D, **hidden)
+    self.bk = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias) if on else None
     self.wv = layers.param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"), fan_in=D, **hidden)
+    self.bv = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias) if on else None
     self.wo = layers.param(rngs, residual_init, (H, E, D), ("heads", "head_dim", "embed"), fan_in=H * E, **hidden)
-    self.use_bias = config.use_bias
-    if config.use_bias:
-      self.bq = layers.param(rngs, zeros, (H, E), ("heads", "head_dim"), **bias)
-      self.bk = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias)
-      self.bv = layers.param(rngs, zeros, (K, E), ("kv_heads", "head_dim"), **bias)
-      self.bo = layers.param(rngs, zeros, (D,), ("embed",), **bias)
+    self.bo = layers.param(rngs, zeros, (D,), ("embed",), **bias) if on else None
     if config.qk_norm:
       self.qk_scale = layers.param(rngs, layers.constant(1.0), (H,), ("heads",), role="gain", dtype=weight_dtype)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, key_segment_BS=None, stats=None):
     dt = self.dtype
-    q_BLHE = self.add_bias(jnp.einsum("bld,dhe->blhe", x_BLD, self.wq[...].astype(dt)), "bq")
-    k_BLKE = self.add_bias(jnp.einsum("bld,dke->blke", x_BLD, self.wk[...].astype(dt)), "bk")
-    v_BLKE = self.add_bias(jnp.einsum("bld,dke->blke", x_BLD, self.wv[...].astype(dt)), "bv")
+    q_BLHE = self.add_bias(jnp.einsum("bld,dhe->blhe", x_BLD, self.wq[...].astype(dt)), self.bq)
+    k_BLKE = self.add_bias(jnp.einsum("bld,dke->blke", x_BLD, self.wk[...].astype(dt)), self.bk)
+    v_BLKE = self.add_bias(jnp.einsum("bld,dke->blke", x_BLD, self.wv[...].astype(dt)), self.bv)
     q_BLHE, k_BLKE = checkpoint_name(q_BLHE, "query_proj"), checkpoint_name(k_BLKE, "key_proj")
     v_BLKE = checkpoint_name(v_BLKE, "value_proj")
     if self.qk_norm:
@@ -109,7 +108,7 @@ class Attention(nnx.Module):
     q_BLHE, k_BLKE, v_BLKE = constrain(q_BLHE, BLHE), constrain(k_BLKE, BLKE), constrain(v_BLKE, BLKE)
 
     def output(out_BLHE):
-      return self.add_bias(jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)), "bo")
+      return self.add_bias(jnp.einsum("blhe,hed->bld", out_BLHE.astype(dt), self.wo[...].astype(dt)), self.bo)
 
     def bias(mask):
       return alibi_bias(mask.q_position_BL, mask.k_position_BS, self.num_heads)
@@ -119,8 +118,8 @@ class Attention(nnx.Module):
         implementation=self.implementation, stats=stats, output=output, bias=bias if self.alibi else None)
     return checkpoint_name(out_BLD, "out_proj"), cache
 
-  def add_bias(self, y, name: str):
-    return y + getattr(self, name)[...].astype(self.dtype) if self.use_bias else y
+  def add_bias(self, y, b):
+    return y if b is None else y + b[...].astype(self.dtype)
 
 
 class Block(nnx.Module):
@@ -144,7 +143,8 @@ class Block(nnx.Module):
       self.attention = Attention(config, D, config.head_dim, rngs=rngs)
     residual_init = layers.normal(config.init_weights_std / math.sqrt(2 * config.base_num_decoder_layers))
     self.mlp = layers.MLP(D, config.base_mlp_dim, config.mlp_activations, init=layers.normal(config.init_weights_std),
-                          out_init=residual_init, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs, use_bias=config.use_bias)
+                          out_init=residual_init, dtype=dtype, weight_dtype=weight_dtype, rngs=rngs,
+                          use_bias=config.use_bias)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache=None, key_segment_BS=None, stats=None):
     h_BLD = self.norm(x_BLD) if self.parallel else self.pre_attention_norm(x_BLD)
@@ -195,11 +195,8 @@ class GPT(decoder.Decoder):
                                              c.base_emb_dim), (None, "embed"), role="embedding",
                                              dtype=layers.dtypes(c)[1])
 
-  def make_norm(self, rngs: nnx.Rngs) -> nnx.Module:
-    c = self.config
-    dtype, weight_dtype = layers.dtypes(c)
-    return layers.LayerNorm(c.base_emb_dim, eps=c.normalization_layer_epsilon, dtype=dtype, weight_dtype=weight_dtype,
-                            rngs=rngs, use_scale=c.use_norm_gains, use_bias=c.use_bias)
+  def make_norm(self, rngs: nnx.Rngs, **options) -> nnx.Module:
+    return super().make_norm(rngs, use_bias=self.config.use_bias, **options)
 
   def make_head(self, rngs: nnx.Rngs) -> None:
     c = self.config

@@ -410,9 +410,9 @@ class LayerNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float, dtype, weight_dtype, rngs: nnx.Rngs | None = None,
                use_scale: bool = True, use_bias: bool = True):
     self.eps, self.dtype = eps, dtype
-    on = use_scale  # without the gain there is no bias either
-    self.scale = param(rngs, constant(1.0), (dim,), ("norm",), role="gain", dtype=weight_dtype) if on else None
-    on = on and use_bias
+    # use_scale=False drops the bias too (muP presets); use_bias=False drops only the bias (nanoGPT).
+    self.scale = param(rngs, constant(1.0), (dim,), ("norm",), role="gain", dtype=weight_dtype) if use_scale else None
+    on = use_scale and use_bias
     self.bias = param(rngs, constant(0.0), (dim,), ("norm",), role="bias", dtype=weight_dtype) if on else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
