@@ -40,7 +40,8 @@ if __package__ in (None, ""):  # `python MaxText/convert_checkpoint.py` puts Max
 
 import numpy as np  # noqa: E402
 
-from MaxText import pyconfig, tensor_files  # noqa: E402
+from MaxText import pyconfig  # noqa: E402
+from MaxText.checkpoint import tensor_files  # noqa: E402
 from MaxText.errors import CheckpointError, ConfigError  # noqa: E402
 
 # Tokenizer files a Hugging Face folder may hold, carried along both ways.
@@ -142,7 +143,8 @@ def _hf_dtype(hf: Mapping[str, Any]) -> str:
 def to_maxtext(hf_path: str, output_path: str, family_name: str | None = None, weight_dtype: str = "float32",
                progress: bool = True) -> dict[str, Any]:
   """Convert an HF folder into OUT/params.safetensors + OUT/config.yml; returns a summary."""
-  from MaxText import startup, train_state  # noqa: PLC0415
+  from MaxText import startup  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   start = time.perf_counter()
   hf_dir, out = Path(hf_path).expanduser().absolute(), Path(output_path).expanduser().absolute()
@@ -203,8 +205,10 @@ def to_maxtext(hf_path: str, output_path: str, family_name: str | None = None, w
 def _host_params(config, step: int | None):
   """(parameters, where from) of the run a config names: lazy numpy leaves from a converted checkpoint, or
   the arrays of an Orbax checkpoint."""
-  from MaxText import checkpointing, sharding, train_state  # noqa: PLC0415
+  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
   from MaxText.models import conversion  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   ckpt_dir = Path(config.checkpoint_dir)
   has_run = config.enable_checkpointing and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
@@ -293,7 +297,8 @@ def our_logits(config, tokens: np.ndarray, step: int | None = None) -> np.ndarra
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from MaxText import sharding, train_state  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   spec = train_state.model_spec(config)
   mesh = sharding.make_mesh(config)

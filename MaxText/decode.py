@@ -34,8 +34,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import sampling, startup  # noqa: E402
+from MaxText import startup  # noqa: E402
 from MaxText.errors import ConfigError  # noqa: E402
+from MaxText.inference import sampling  # noqa: E402
 from MaxText.input_pipeline.tokenizer import EOS_ID  # noqa: E402
 
 
@@ -51,7 +52,7 @@ class Generator:
   """
 
   def __init__(self, config, spec=None, *, batch: int, valid_vocab: int | None = None):
-    from MaxText import train_state  # noqa: PLC0415
+    from MaxText.training import train_state  # noqa: PLC0415
 
     self.config, self.batch = config, batch
     self.spec = spec if spec is not None else train_state.model_spec(config)
@@ -65,7 +66,7 @@ class Generator:
     self._loop = jax.jit(self._loop_fn, donate_argnums=1)
 
   def _model(self, params):
-    from MaxText import train_state  # noqa: PLC0415
+    from MaxText.training import train_state  # noqa: PLC0415
 
     return train_state.bind(self.spec, params)
 
@@ -178,7 +179,8 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, seed: int | No
 def load_params(config, spec, mesh) -> tuple[Any, str]:
   """(parameters, where from): the run's latest checkpoint, else load_parameters_path; placed by the
   parameters' logical shardings on `mesh`."""
-  from MaxText import checkpointing, train_state  # noqa: PLC0415
+  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   shardings = train_state.param_shardings(spec, mesh, config.logical_axis_rules)
   params, _, source = checkpointing.run_parameters(config, train_state.with_shardings(spec.shapes, shardings),
@@ -188,7 +190,9 @@ def load_params(config, spec, mesh) -> tuple[Any, str]:
 
 def decode_prompt(config) -> dict[str, Any]:
   """Load the run's parameters and tokenizer, continue `config.prompt`; returns the text and statistics."""
-  from MaxText import input_pipeline, sharding, train_state  # noqa: PLC0415
+  from MaxText import input_pipeline  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   tokenizer = input_pipeline.get_tokenizer(config)
   bos = [tokenizer.bos_id] if config.add_bos and tokenizer.bos_id is not None else []  # T5's tokenizer has none

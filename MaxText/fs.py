@@ -8,11 +8,16 @@ A failure of the storage (a bucket that cannot be reached, no permission, a miss
 
   fs.makedirs("gs://bucket/runs/r1")
   with fs.open(fs.join(run_dir, "config.yml"), "w") as f: ...
+
+Checks made before training, so a disk fault is one line rather than a traceback at the first save: a file
+in the way, a folder that cannot be created or written, a disk too full for a checkpoint (`ensure_folder`,
+`ensure_space`; paths with a scheme are left to the filesystem that serves them).
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import glob as globlib
 import os
 import shutil
@@ -284,3 +289,59 @@ def check_writable(path: str, what: str) -> None:
       raise StorageError(f"cannot create folder {path}")
   except StorageError as e:
     raise StorageError(f"{what}: {e}") from None
+
+
+# --- Checks before training ---
+
+
+def describe_os_error(error: OSError) -> str:
+  """'No space left on device' (or the errno name when the OS gives no text)."""
+  return error.strerror or type(error).__name__
+
+
+def ensure_folder(path: str, what: str) -> None:
+  """Create `path` if needed and prove it writable (a probe file is written and removed)."""
+  if is_remote(path):
+    return
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise StorageError(f"{what} {path} is a file, not a folder; move it away or choose another run_name")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise StorageError(f"cannot create {what} {path}: {describe_os_error(e)}") from None
+  probe = os.path.join(path, f".write-test-{os.getpid()}")
+  try:
+    with open(probe, "wb") as f:
+      f.write(b"0")
+    os.remove(probe)
+  except OSError as e:
+    raise StorageError(f"cannot write into {what} {path}: {describe_os_error(e)}") from None
+
+
+def ensure_space(path: str, needed_bytes: int, what: str) -> None:
+  """Refuse to start when the disk cannot hold even half of `needed_bytes` (the raw size of a checkpoint;
+  compression of trained float32 arrays saves far less than half), so a full disk is found before training
+  rather than at the first save."""
+  if is_remote(path) or needed_bytes <= 0:
+    return
+  try:
+    free = shutil.disk_usage(path).free
+  except OSError:
+    return
+  if free < needed_bytes // 2:
+    raise StorageError(f"{what} {path}: {free / 2**20:,.1f} MiB free on its disk, but a checkpoint takes about "
+                       f"{needed_bytes / 2**20:,.1f} MiB")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+  """An exclusive lock on a local file (created if missing), held for the duration of the block; processes of
+  one machine that start together wait for each other here."""
+  import fcntl  # noqa: PLC0415 (POSIX only; the module is imported on every platform)
+
+  with builtins.open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

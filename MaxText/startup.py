@@ -16,8 +16,9 @@ import sys
 import threading
 from typing import Mapping, Sequence
 
-from MaxText import distributed, pyconfig
+from MaxText import pyconfig
 from MaxText.errors import EXIT_OK, ConfigError
+from MaxText.parallel import distributed
 
 
 def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None, *, for_run: bool = False, **kwargs):
@@ -38,7 +39,8 @@ def load_topology_config(argv: Sequence[str], env: Mapping[str, str] | None = No
   of `compile_topology` x `compile_topology_num_slices` (from libtpu; this host needs no TPU and joins no job)."""
   import jax  # noqa: PLC0415
 
-  from MaxText import topology, validation  # noqa: PLC0415
+  from MaxText import validation  # noqa: PLC0415
+  from MaxText.parallel import topology  # noqa: PLC0415
 
   if not os.environ.get("JAX_PLATFORMS"):
     # The program runs on no local accelerator: leave a TPU or GPU of this host to whoever trains on it.

@@ -94,7 +94,8 @@ class Run:
     compile-only devices of a TPU topology."""
     import jax  # noqa: PLC0415
 
-    from MaxText import optimizers, sharding, train_state  # noqa: PLC0415
+    from MaxText.parallel import sharding  # noqa: PLC0415
+    from MaxText.training import optimizers, train_state  # noqa: PLC0415
 
     self.config = config
     self.mesh = sharding.make_mesh(config, devices)
@@ -121,7 +122,8 @@ class Run:
   def restore_or_init(self, checkpointer, train_data, say: Callable[[str], None] = print) -> tuple[dict, int]:
     """The newest intact checkpoint of the run (state + data position), else fresh or `load_parameters_path`.
     Damaged steps and a kept learning-rate schedule are reported through `say`."""
-    from MaxText import checkpointing, train_state  # noqa: PLC0415
+    from MaxText.checkpoint import checkpointing  # noqa: PLC0415
+    from MaxText.training import train_state  # noqa: PLC0415
 
     target = train_state.with_shardings(self.abstract, self.shardings)
     latest = checkpointer.restore_latest(target, say) if checkpointer else None
@@ -142,7 +144,7 @@ class Run:
     """The jitted train step with the state's shardings, donating the state (lower it to compile)."""
     import jax  # noqa: PLC0415
 
-    from MaxText import train_step  # noqa: PLC0415
+    from MaxText.training import train_step  # noqa: PLC0415
 
     return jax.jit(train_step.make_train_step(self.config, self.spec, self.tx, self.schedule),
                    in_shardings=(self.shardings, self.batch_sharding),
@@ -166,7 +168,7 @@ class Run:
 
   def use_schedule(self, schedule_steps: int) -> None:
     """Rebuild the optimizer for a schedule of `schedule_steps` (the state's structure does not change)."""
-    from MaxText import optimizers  # noqa: PLC0415
+    from MaxText.training import optimizers  # noqa: PLC0415
 
     self.config = dataclasses.replace(self.config, learning_rate_schedule_steps=schedule_steps)
     self.tx, self.schedule = optimizers.create(self.config, self.spec.roles)
@@ -174,7 +176,8 @@ class Run:
   def evaluate_fn(self):
     import jax  # noqa: PLC0415
 
-    from MaxText import input_pipeline, train_step  # noqa: PLC0415
+    from MaxText import input_pipeline  # noqa: PLC0415
+    from MaxText.training import train_step  # noqa: PLC0415
 
     token_bytes = input_pipeline.token_byte_lengths(self.config)
     return jax.jit(train_step.make_eval_step(self.config, self.spec, token_bytes),
@@ -185,7 +188,7 @@ class Run:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from MaxText import faults, train_step  # noqa: PLC0415
+    from MaxText.training import faults, train_step  # noqa: PLC0415
 
     data = self.data(split)
     steps = self.config.eval_steps if self.config.eval_steps > 0 else _agree_max(data.count_batches())
@@ -215,7 +218,11 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
   DivergenceError when a step is not finite (nan_policy); Preempted on a second signal; StorageError
   (a ConfigError) when a folder cannot be written or a background save fails.
   """
-  from MaxText import checkpointing, divergence, fs, metrics, sharding, storage  # noqa: PLC0415
+  from MaxText import fs  # noqa: PLC0415
+  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
+  from MaxText.observe import metrics  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import divergence  # noqa: PLC0415
 
   run = Run(config)
   result: dict[str, Any] = {}
@@ -229,7 +236,7 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
     completed = False
     try:
       if run.is_primary:
-        storage.ensure_folder(config.run_dir, "run folder")
+        fs.ensure_folder(config.run_dir, "run folder")
       train_data = run.data(config.train_split)
       if config.eval_interval:
         run.data(config.eval_split)  # a missing or bad evaluation split fails now, not at the first evaluation
@@ -274,14 +281,14 @@ def train_and_evaluate(config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def faults_reached(kind: str, step: int) -> None:
-  from MaxText import faults  # noqa: PLC0415
+  from MaxText.training import faults  # noqa: PLC0415
 
   faults.reached(kind, step)
 
 
 def _train(run, state, start_step, train_data, checkpointer, logger, eval_fn, guard, stop, result, peak):
   """The step loop, from `start_step` to `steps` or a signal; returns (state, step)."""
-  from MaxText import metrics, profiler  # noqa: PLC0415
+  from MaxText.observe import metrics, profiler  # noqa: PLC0415
 
   config = run.config
   flops_per_token = _family(config).flops_per_token(config)
@@ -367,7 +374,7 @@ def _meta(config) -> dict:
 
 
 def _write_config(config, logger) -> None:
-  from MaxText import fs, storage  # noqa: PLC0415
+  from MaxText import fs  # noqa: PLC0415
 
   path = fs.join(config.run_dir, "config.yml")
   if fs.is_remote(path):
@@ -378,7 +385,7 @@ def _write_config(config, logger) -> None:
     with open(path, "w", encoding="utf-8") as f:
       f.write(config.to_yaml())
   except OSError as e:
-    raise errors.StorageError(f"cannot write {path}: {storage.describe_os_error(e)}") from None
+    raise errors.StorageError(f"cannot write {path}: {fs.describe_os_error(e)}") from None
   logger.write_text("config", "```\n" + config.to_yaml() + "\n```")
 
 
@@ -391,7 +398,7 @@ def _describe_run(run, logger, start_step: int, peak: tuple[float, str]) -> None
       f"global batch {config.global_batch_size_to_train_on} x {config.max_target_length} tokens; "
       f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_source})")
   if config.print_sharding:
-    from MaxText import sharding_report  # noqa: PLC0415
+    from MaxText.parallel import sharding_report  # noqa: PLC0415
 
     logger.message(sharding_report.format_parameters(run.spec, run.abstract, run.shardings))
   if start_step:
@@ -436,7 +443,10 @@ def _stop_agreed(requested: bool, step: int, config) -> bool:
 def evaluate_checkpoint(config) -> dict[str, float]:
   """mode=validation|test: the loss of the run's latest checkpoint (or load_parameters_path) on that split.
   Only the parameters are read."""
-  from MaxText import checkpointing, metrics, sharding, train_state  # noqa: PLC0415
+  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
+  from MaxText.observe import metrics  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   run = Run(config)
   split = config.eval_split if config.mode == "validation" else config.test_split
@@ -463,7 +473,7 @@ def _family(config):
 
 def list_models() -> str:
   """The registry as a markdown table: every preset with its family, shape and parameter count."""
-  from MaxText import train_state  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   rows = [("model_name", "family", "layers", "width", "heads", "parameters")]
   for name in pyconfig.preset_names():
@@ -480,7 +490,7 @@ def count_params(config) -> str:
   """Parameters of the configured model (total, embedding tables, the rest) and its FLOPs per token."""
   import jax  # noqa: PLC0415
 
-  from MaxText import train_state  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   spec = train_state.model_spec(config)
   sizes = jax.tree.map(lambda x: x.size, spec.shapes)

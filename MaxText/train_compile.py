@@ -39,7 +39,8 @@ def compile_step(run) -> tuple[object, float]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from MaxText import sharding, train_state, train_step  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state, train_step  # noqa: PLC0415
 
   config = run.config
   state = train_state.with_shardings(run.abstract, run.shardings)
@@ -61,7 +62,7 @@ def report(run, tpu) -> dict:
   """Compile the train step of `run` (built on the compile-only devices of the slice `tpu`, times
   compile_topology_num_slices) and measure it; the dict says whether it fits. A compile that runs out of
   HBM is reported as not fitting, with the compiler's message."""
-  from MaxText import sharding_report  # noqa: PLC0415
+  from MaxText.parallel import sharding_report  # noqa: PLC0415
 
   config, devices = run.config, run.mesh.devices.flat
   first = next(iter(devices))
@@ -81,7 +82,7 @@ def report(run, tpu) -> dict:
 
 
 def format_report(r: dict) -> str:
-  from MaxText import sharding_report  # noqa: PLC0415
+  from MaxText.parallel import sharding_report  # noqa: PLC0415
 
   gib = sharding_report.GiB
   slices = f" x {r['num_slices']} slices" if r["num_slices"] > 1 else ""
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
   argv = rest
   try:
     config, tpu, devices = startup.load_topology_config(argv)
-    from MaxText import sharding_report, train  # noqa: PLC0415
+    from MaxText import train  # noqa: PLC0415
+    from MaxText.parallel import sharding_report  # noqa: PLC0415
 
     run = train.Run(config, devices)
     if config.print_sharding:

@@ -7,11 +7,14 @@ exactly the names registered in it, so a new family, source, tokenizer or optimi
 
 from __future__ import annotations
 
-from MaxText import models, optimizers, parametrization, pyconfig, sampling, sharding
+from MaxText import models, pyconfig
 from MaxText.errors import ConfigError
+from MaxText.inference import sampling
 from MaxText.input_pipeline import sources, tokenizer
-from MaxText.models import attention, layers
+from MaxText.models import attention, layers, parametrization
+from MaxText.parallel import sharding
 from MaxText.registry import Registry, registries
+from MaxText.training import optimizers
 
 # The modules that create the registries of config keys (importing them creates and fills them).
 REGISTRY_MODULES = (models, attention, layers, optimizers, sampling, sources, tokenizer)

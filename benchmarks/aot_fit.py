@@ -45,7 +45,8 @@ def intended_topology(num_params: int) -> str:
 def preset_sizes() -> dict[str, int]:
   """Parameters of every preset (abstract shapes only)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from MaxText import pyconfig, train_state  # noqa: PLC0415
+  from MaxText import pyconfig  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   sizes = {}
   for path in sorted((ROOT / "MaxText" / "configs" / "models").glob("*.yml")):
@@ -75,7 +76,8 @@ def compile_preset(model: str, topology: str, overrides: list[str], timeout: flo
 
 def state_report(model: str, topology: str, overrides: list[str]) -> dict:
   """The train state per chip (abstract: nothing compiled or allocated), as train_compile.py reports it."""
-  from MaxText import sharding_report, startup, train  # noqa: PLC0415
+  from MaxText import startup, train  # noqa: PLC0415
+  from MaxText.parallel import sharding_report  # noqa: PLC0415
 
   config, tpu, devices = startup.load_topology_config(
       [None, "MaxText/configs/base_v2.yml", f"model_name={model}", f"compile_topology={topology}", *overrides])

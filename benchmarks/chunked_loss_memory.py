@@ -44,7 +44,9 @@ def compile_step(config):
   """(the compiled, donated train step, a state, a batch) of the config's run."""
   import jax  # noqa: PLC0415
 
-  from MaxText import sharding, train, train_state, train_step  # noqa: PLC0415
+  from MaxText import train  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state, train_step  # noqa: PLC0415
 
   run = train.Run(config)
   with sharding.use_mesh(run.mesh, run.rules):

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from MaxText import tensor_files  # noqa: E402
+from MaxText.checkpoint import tensor_files  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "convert_memory.json"
 LIMIT = 1.5

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from MaxText import decode, pyconfig, startup, train_state  # noqa: E402
+from MaxText import decode, pyconfig, startup  # noqa: E402
+from MaxText.training import train_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_throughput.json"
 PROMPT_LENGTH = 32

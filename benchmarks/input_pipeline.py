@@ -87,7 +87,7 @@ def rate(config, seconds: float) -> tuple[float, float]:
 
 def prepare_sources(work: Path) -> dict[str, dict]:
   """The default corpus as TFRecords, the same text as jsonl files, and a TFRecord copy 10x larger."""
-  from MaxText.input_pipeline import default_corpus, tfrecord  # noqa: PLC0415
+  from MaxText.input_pipeline import default_corpus, tfrecord_files  # noqa: PLC0415
 
   corpus = default_corpus.ensure_default_corpus()
   sources = {"tfrecord": dict(dataset_type="tfrecord", dataset_path=str(corpus))}
@@ -104,9 +104,9 @@ def prepare_sources(work: Path) -> dict[str, dict]:
   big = work / "tfrecord_x10"
   if not (big / "done").exists():
     big.mkdir(parents=True, exist_ok=True)
-    docs = [d for f in sorted(corpus.glob("train-*.tfrecord")) for d in tfrecord.read_documents(str(f))]
+    docs = [d for f in sorted(corpus.glob("train-*.tfrecord")) for d in tfrecord_files.read_documents(str(f))]
     for copy in range(10):
-      tfrecord.write_documents(str(big / f"train-{copy:05d}-of-00010.tfrecord"), docs)
+      tfrecord_files.write_documents(str(big / f"train-{copy:05d}-of-00010.tfrecord"), docs)
     (big / "done").write_text("")
   sources["tfrecord_x10"] = dict(dataset_type="tfrecord", dataset_path=str(big),
                                  tokenizer_path=str(corpus / "tokenizer.model"))

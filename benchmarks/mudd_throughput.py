@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import pyconfig, startup, sharding, train, train_state, train_step  # noqa: E402
+from MaxText import pyconfig, startup, train  # noqa: E402
+from MaxText.parallel import sharding  # noqa: E402
+from MaxText.training import train_state, train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mudd_throughput.json"
 

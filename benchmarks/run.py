@@ -66,20 +66,24 @@ PRESETS = {
 def byte_corpus(cache: Path) -> Path:
   """A byte-level dataset of a few standard-library modules (the nanoGPT case needs byte data; what the
   text says does not matter for speed)."""
-  from MaxText import prepare_data  # noqa: PLC0415
-  from MaxText.input_pipeline import default_corpus  # noqa: PLC0415
+
+  from MaxText.input_pipeline import (
+    default_corpus,  # noqa: PLC0415
+    preparation,  # noqa: PLC0415
+  )
 
   out = cache / "stdlib_bytes"
-  if not (out / prepare_data.INFO_FILE).is_file():
+  if not (out / preparation.INFO_FILE).is_file():
     stdlib = default_corpus.stdlib_dir()
     files = ",".join(str(stdlib / f"{m}.py") for m in ("argparse", "typing", "inspect", "pathlib", "subprocess"))
-    prepare_data.prepare(files, str(out), tokenizer="byte", contiguous=True, validation_fraction=0.05,
+    preparation.prepare(files, str(out), tokenizer="byte", contiguous=True, validation_fraction=0.05,
                          test_fraction=0.0, document_chars=50_000, progress=False)
   return out
 
 
 def measure_peak(dtype: str) -> float:
-  from MaxText import distributed, metrics  # noqa: PLC0415
+  from MaxText.observe import metrics  # noqa: PLC0415
+  from MaxText.parallel import distributed  # noqa: PLC0415
 
   distributed.skip_absent_tpu()  # as train.py does: libtpu (installed for AOT compiles) stays unloaded here
 
@@ -109,7 +113,8 @@ def run_case(name: str, args: list[str], *, window: int, windows: int, workdir: 
   rows = [r for r in rows if "train/step_time" in r]
   compiled = re.search(r"compiled the train step in ([0-9.]+) s", text)
   config = _config(run_args)  # the child's config, for its FLOPs and shapes
-  from MaxText import models, train_state  # noqa: PLC0415
+  from MaxText import models  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   return {"step_times": [r["train/step_time"] for r in rows], "losses": [r["train/loss"] for r in rows],
           "compile_s": float(compiled.group(1)) if compiled else None,

@@ -41,12 +41,13 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  from MaxText import prepare_data, pyconfig, startup, train  # noqa: PLC0415
+  from MaxText import pyconfig, startup, train  # noqa: PLC0415
+  from MaxText.input_pipeline import preparation  # noqa: PLC0415
 
   out = Path(args.out)
   data = out / "data"
-  if not (data / prepare_data.INFO_FILE).exists():
-    prepare_data.prepare(args.input, str(data), tokenizer="byte", contiguous=True, validation_fraction=0.1,
+  if not (data / preparation.INFO_FILE).exists():
+    preparation.prepare(args.input, str(data), tokenizer="byte", contiguous=True, validation_fraction=0.1,
                          test_fraction=0.0, progress=False)
   rows = []
   for name in args.runs.split(","):

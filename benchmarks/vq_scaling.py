@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import optimizers, pyconfig, startup, sharding, train_state, train_step  # noqa: E402
+from MaxText import pyconfig, startup  # noqa: E402
+from MaxText.parallel import sharding  # noqa: E402
+from MaxText.training import optimizers, train_state, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "vq_scaling.json"

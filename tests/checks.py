@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from MaxText import models, parametrization, train_state
+from MaxText import models
+from MaxText.models import parametrization
+from MaxText.training import train_state
 
 
 def fast_init(config, spec):

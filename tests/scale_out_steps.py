@@ -39,7 +39,9 @@ def initial_state(config):
   (the sharded init's compile costs more than a tiny model's train step)."""
   import jax  # noqa: PLC0415
 
-  from MaxText import sharding, train, train_state  # noqa: PLC0415
+  from MaxText import train  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   run = train.Run(config)
   with sharding.use_mesh(run.mesh, run.rules):
@@ -53,7 +55,9 @@ def run_steps(config, start: int, stop: int, *, state=None, restore_dir: str | N
   saved to `save_dir`. Returns the losses, the mesh and the parameters' PartitionSpecs."""
   import jax  # noqa: PLC0415
 
-  from MaxText import checkpointing, sharding, train  # noqa: PLC0415
+  from MaxText import train  # noqa: PLC0415
+  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
+  from MaxText.parallel import sharding  # noqa: PLC0415
 
   run = train.Run(config)
   rows = config.global_batch_size_to_train_on // run.process_count

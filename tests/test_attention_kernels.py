@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import sharding, train, train_state, train_step
+from MaxText import train
 from MaxText.errors import ConfigError
 from MaxText.models import attention, attention_cudnn, attention_splash
+from MaxText.parallel import sharding
+from MaxText.training import train_state, train_step
 from tests.conftest import TINY
 
 

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from MaxText import sharding, train_state, train_step
 from MaxText.errors import ConfigError
+from MaxText.parallel import sharding
+from MaxText.training import train_state, train_step
 from tests.checks import fast_init
 from tests.test_llama import synthetic_batch
 from tests.test_sharding import MESH_222

@@ -14,7 +14,8 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from MaxText import convert_checkpoint, startup, tensor_files, train  # noqa: E402
+from MaxText import convert_checkpoint, startup, train  # noqa: E402
+from MaxText.checkpoint import tensor_files  # noqa: E402
 from tests import reference_mudd_release  # noqa: E402
 
 transformers.logging.set_verbosity_error()

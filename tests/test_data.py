@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from MaxText import input_pipeline, prepare_data, pyconfig, startup
-from MaxText.input_pipeline import default_corpus, packing, tfrecord
+from MaxText.input_pipeline import default_corpus, packing, tfrecord_files
 from MaxText.input_pipeline.tokenizer import Tokenizer, train_sentencepiece
 
 BASE_CONFIG = str(Path(__file__).resolve().parents[1] / "MaxText" / "configs" / "base_v2.yml")
@@ -57,7 +57,7 @@ def random_docs(n, seed=0, first_id=10, max_len=40):
 def write_split(folder, split, docs, num_files, feature="tokens"):
   folder.mkdir(parents=True, exist_ok=True)
   for i in range(num_files):
-    tfrecord.write_documents(str(folder / f"{split}-{i:05d}-of-{num_files:05d}.tfrecord"), docs[i::num_files], feature)
+    tfrecord_files.write_documents(str(folder / f"{split}-{i:05d}-of-{num_files:05d}.tfrecord"), docs[i::num_files], feature)
 
 
 def take(it, n):
@@ -108,12 +108,12 @@ def token_dataset(tmp_path_factory):
 
 def test_tfrecord_round_trip_tokens_and_text(tmp_path):
   docs = [[5, 6, 7], [], [2 ** 40, 1]]
-  assert tfrecord.write_documents(str(tmp_path / "a.tfrecord"), docs) == 3
-  assert list(tfrecord.read_documents(str(tmp_path / "a.tfrecord"))) == docs
+  assert tfrecord_files.write_documents(str(tmp_path / "a.tfrecord"), docs) == 3
+  assert list(tfrecord_files.read_documents(str(tmp_path / "a.tfrecord"))) == docs
   texts = ["héllo\n  world\t", "", "x" * 1000]
-  tfrecord.write_documents(str(tmp_path / "b.tfrecord"), texts, feature="text")
-  assert list(tfrecord.read_documents(str(tmp_path / "b.tfrecord"))) == texts
-  assert tfrecord.detect_feature([str(tmp_path / "b.tfrecord")]) == "text"
+  tfrecord_files.write_documents(str(tmp_path / "b.tfrecord"), texts, feature="text")
+  assert list(tfrecord_files.read_documents(str(tmp_path / "b.tfrecord"))) == texts
+  assert tfrecord_files.detect_feature([str(tmp_path / "b.tfrecord")]) == "text"
 
 
 def test_tokenizer_keeps_whitespace_and_special_ids(tokenizer_path):
@@ -240,7 +240,7 @@ def test_processes_see_disjoint_documents_that_cover_the_split(token_dataset, sp
     it = input_pipeline.create_iterator(config, split, process_index=p, process_count=2)
     assert it._source.shard_by_file == (num_files_expected >= 2)  # both sharding paths are covered
     seen.append(docs_of_rows(list(it)))
-  all_docs = [tuple(d) for f in sorted(token_dataset.glob(f"{split}-*")) for d in tfrecord.read_documents(str(f))]
+  all_docs = [tuple(d) for f in sorted(token_dataset.glob(f"{split}-*")) for d in tfrecord_files.read_documents(str(f))]
   expected = [d for d in all_docs if len(d) >= 2]
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == sorted(expected)
@@ -289,7 +289,7 @@ def test_eval_split_is_one_padded_pass_with_a_batch_count(token_dataset, packing
   batches = list(it)
   assert len(batches) == it.count_batches() > 1
   assert list(it) == [] and it.get_state()["position"] is None
-  docs = list(tfrecord.read_documents(str(next(token_dataset.glob("validation-*")))))
+  docs = list(tfrecord_files.read_documents(str(next(token_dataset.glob("validation-*")))))
   tokens = sum(len(d) + 2 for d in docs)  # with BOS and EOS
   rows = -(-(tokens - 1) // 16) if packing_on else len(docs)
   assert len(batches) == -(-rows // 5)

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import decode, pyconfig, sampling, startup, train_state
+from MaxText import decode, pyconfig, startup
 from MaxText import eval as eval_cli
+from MaxText.inference import sampling
+from MaxText.training import train_state
 from tests.checks import fast_init
 
 BASE = str(pyconfig.BASE_CONFIG)
@@ -172,14 +174,17 @@ def trained_run(tmp_path_factory):
   """A GPT run as training leaves it: config.yml and a checkpoint at step 2 (of freshly initialised
   parameters, since what is decoded does not matter here), over a tokenizer and splits prepared from a
   few standard-library modules."""
-  from MaxText import checkpointing, optimizers, prepare_data  # noqa: PLC0415
+
+  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
+  from MaxText.input_pipeline import preparation  # noqa: PLC0415
+  from MaxText.training import optimizers  # noqa: PLC0415
 
   source = tmp_path_factory.mktemp("text")
   stdlib = Path(sysconfig.get_paths()["stdlib"])
   for name in ("textwrap", "string", "heapq", "bisect", "fnmatch", "colorsys"):
     (source / f"{name}.txt").write_text((stdlib / f"{name}.py").read_text())
   data = tmp_path_factory.mktemp("corpus") / "data"
-  prepare_data.prepare(str(source), str(data), vocab_size=512, validation_fraction=0.2, test_fraction=0.2,
+  preparation.prepare(str(source), str(data), vocab_size=512, validation_fraction=0.2, test_fraction=0.2,
                        num_shards=1, extensions=(".txt",), progress=False)
   config = startup.load_config(
       [None, BASE, "model_name=GPTTiny"], env={}, base_output_directory=str(tmp_path_factory.mktemp("runs")),

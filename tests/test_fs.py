@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from MaxText import checkpointing, fs, prepare_data, pyconfig, train
+from MaxText import fs, prepare_data, pyconfig, train
+from MaxText.checkpoint import checkpointing
 from MaxText.errors import ConfigError, StorageError
-from MaxText.input_pipeline import tfrecord, tokenizer
+from MaxText.input_pipeline import preparation, tfrecord_files, tokenizer
+
 
 @pytest.fixture
 def bucket(request):
@@ -50,10 +52,10 @@ def test_prepare_train_and_evaluate_with_everything_in_a_bucket(make_config, tmp
   for name in ("argparse", "textwrap", "string", "difflib", "glob"):
     (source / f"{name}.txt").write_text(Path(os.__file__).with_name(f"{name}.py").read_text())
   data = fs.join(bucket, "data")
-  summary = prepare_data.prepare(str(source), data, vocab_size=400, num_shards=2, extensions=(".txt",),
+  summary = preparation.prepare(str(source), data, vocab_size=400, num_shards=2, extensions=(".txt",),
                                  progress=False, validation_fraction=0.2, test_fraction=0.2)
   assert summary["tokenizer_path"] == fs.join(data, "tokenizer.model")
-  assert fs.isfile(fs.join(data, prepare_data.INFO_FILE)) and tfrecord.split_files(data, "train")
+  assert fs.isfile(fs.join(data, preparation.INFO_FILE)) and tfrecord_files.split_files(data, "train")
   assert not Path("ram:").exists()  # nothing local named after the scheme
 
   runs = fs.join(bucket, "runs")
@@ -86,7 +88,7 @@ def test_a_bucket_out_of_reach_is_a_one_line_error_and_leaves_no_local_folder(tm
   checks = [
       lambda: fs.check_writable(f"{UNREACHABLE}/runs/r", "base_output_directory"),
       lambda: fs.missing([f"{UNREACHABLE}/runs/r"], "base_output_directory"),
-      lambda: tfrecord.split_files(f"{UNREACHABLE}/data", "train"),
+      lambda: tfrecord_files.split_files(f"{UNREACHABLE}/data", "train"),
       lambda: tokenizer.load_sentencepiece(f"{UNREACHABLE}/data/tokenizer.model"),
       lambda: checkpointing.load_parameters(f"{UNREACHABLE}/runs/r/checkpoints/10", {}),
   ]

@@ -165,11 +165,12 @@ def test_a_single_document_trains_as_well_with_the_default_as_with_a_whole_epoch
   """The issue's nanoGPT case in small: one long text prepared with --contiguous (byte level), where a
   1024-row window reads the book almost in order. Same steps; final evaluation within noise (measured
   spread across seeds at this size: about 0.15 nats)."""
-  from MaxText import prepare_data, train  # noqa: PLC0415
+  from MaxText import train  # noqa: PLC0415
+  from MaxText.input_pipeline import preparation  # noqa: PLC0415
 
   source = Path(argparse.__file__)  # a long text every machine has
   data = tmp_path / "data"
-  prepare_data.prepare(str(source), str(data), tokenizer="byte", contiguous=True, validation_fraction=0.1,
+  preparation.prepare(str(source), str(data), tokenizer="byte", contiguous=True, validation_fraction=0.1,
                        test_fraction=0.0, progress=False)
   assert json.loads((data / "dataset_info.json").read_text())["splits"]["train"]["documents"] == 1
   common = dict(dataset_type="tfrecord", dataset_path=str(data), tokenizer_type="byte", vocab_size=260, steps=300,

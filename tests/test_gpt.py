@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import models, pyconfig, train_state, train_step
+from MaxText import models, pyconfig
 from MaxText.models import gpt, layers
+from MaxText.training import train_state, train_step
 from tests import reference_gpt
 from tests.checks import assert_causal, fast_init
 

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from MaxText import models, train_state
-from MaxText.models import conversion
+from MaxText import models
 from MaxText.errors import ConfigError
+from MaxText.models import conversion
+from MaxText.training import train_state
 
 
 def hf_llama_logits(t: dict, hf: dict, tokens: np.ndarray) -> np.ndarray:

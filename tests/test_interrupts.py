@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from MaxText import errors, faults, train
-from MaxText.tools import fault_injection
-
 from conftest import BASE
+
+from MaxText import errors, train
+from MaxText.tools import fault_injection
+from MaxText.training import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["base_emb_dim=32", "base_num_decoder_layers=1", "base_num_query_heads=2", "base_num_kv_heads=2",

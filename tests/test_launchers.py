@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from MaxText import distributed
+from MaxText.parallel import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["run_name=mudd", "model_name=MUDDLlama2Medium", "dataset_path=gs://bucket/pile",
@@ -14,7 +14,7 @@ TRAIN_ARGS = ["run_name=mudd", "model_name=MUDDLlama2Medium", "dataset_path=gs:/
 
 
 def dry_run(script: str, *args: str) -> list[str]:
-  out = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, f"MaxText/launch/{script}", *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
   assert out.returncode == 0, out.stderr
   return out.stdout.splitlines()
@@ -73,7 +73,7 @@ def test_tpu_pod_attach_logs_stop_and_delete(action, expected):
 
 
 def test_tpu_pod_rejects_an_unknown_slice_in_one_line():
-  out = subprocess.run([sys.executable, "scripts/tpu_pod.py", "--tpu", "t", "--zone", "z", "--accelerator_type",
+  out = subprocess.run([sys.executable, "MaxText/launch/tpu_pod.py", "--tpu", "t", "--zone", "z", "--accelerator_type",
                         "v5p-6", "--dry_run", "create"], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert out.stderr.strip() == ("error: --accelerator_type 'v5p-6' is not a v5p slice this table knows (v5p-8, "
@@ -108,7 +108,7 @@ def test_mpirun_runs_one_process_per_gpu_on_every_host():
 
 
 def test_a_trainer_argument_that_is_not_key_value_is_refused():
-  out = subprocess.run([sys.executable, "scripts/mpirun.py", "--hosts", "h", "--gpus_per_host", "1", "--dry_run",
+  out = subprocess.run([sys.executable, "MaxText/launch/mpirun.py", "--hosts", "h", "--gpus_per_host", "1", "--dry_run",
                         "--", "steps"], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert out.returncode != 0 and "'steps' is not key=value" in out.stderr
 

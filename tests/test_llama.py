@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import models, train_state, train_step
+from MaxText import models
+from MaxText.training import train_state, train_step
 from tests import reference_llama
 from tests.checks import assert_causal
 

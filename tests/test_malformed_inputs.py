@@ -7,14 +7,12 @@ validation, the data and checkpoint cases before the train step is compiled.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import BASE
 
 from MaxText import errors, train
-
-from conftest import BASE
 
 # A tiny model, one device, synthetic data: what the cases below break, one key or file at a time.
 TINY = ["base_emb_dim=32", "base_num_decoder_layers=1", "base_num_query_heads=2", "base_num_kv_heads=2",

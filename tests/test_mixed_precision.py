@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import train, train_state, train_step
+from MaxText import train
+from MaxText.training import train_state, train_step
 from tests.checks import fast_init
 from tests.test_llama import synthetic_batch
 from tests.test_sharding import run_one_step

@@ -10,12 +10,14 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from MaxText import models, pyconfig, sharding, startup, train, train_state, train_step
+from MaxText import models, pyconfig, startup, train
 from MaxText.models import mudd_dense
+from MaxText.parallel import sharding
+from MaxText.training import train_state, train_step
 from tests import reference_llama, reference_mudd
+from tests.checks import assert_causal
 from tests.test_llama import packed_inputs, synthetic_batch
 from tests.test_sharding import MESH_222, assert_trees_close, global_batch
-from tests.checks import assert_causal
 
 # Three layers, so one connection mixes four streams over more than two states; MLP 256 re-allocates to
 # 128, 256, 384.

@@ -7,8 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from MaxText import models, optimizers, parametrization, pyconfig, startup, train_state, train_step
+from MaxText import models, pyconfig, startup
+from MaxText.models import parametrization
 from MaxText.tools import coord_check, mup_runs
+from MaxText.training import optimizers, train_state, train_step
 from tests import reference_llama
 from tests.test_llama import packed_inputs, synthetic_batch
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from MaxText import prepare_data
-from MaxText.input_pipeline import tfrecord
+from MaxText.input_pipeline import preparation, tfrecord_files
 from MaxText.input_pipeline.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,56 +29,56 @@ def make_sources(folder, n=8):
 
 def decoded_documents(folder, split):
   tok = Tokenizer(folder / "tokenizer.model")
-  return [tok.decode(ids) for f in sorted(folder.glob(f"{split}-*.tfrecord")) for ids in tfrecord.read_documents(str(f))]
+  return [tok.decode(ids) for f in sorted(folder.glob(f"{split}-*.tfrecord")) for ids in tfrecord_files.read_documents(str(f))]
 
 
 def test_prepare_writes_every_split_and_round_trips_the_text(tmp_path):
   texts = make_sources(tmp_path / "src")
   out = tmp_path / "out"
-  summary = prepare_data.prepare(str(tmp_path / "src"), str(out), vocab_size=400, num_shards=2, progress=False)
+  summary = preparation.prepare(str(tmp_path / "src"), str(out), vocab_size=400, num_shards=2, progress=False)
   splits = summary["splits"]
-  assert all(splits[s]["documents"] >= 1 for s in prepare_data.SPLITS)
-  assert sum(splits[s]["documents"] for s in prepare_data.SPLITS) == len(texts)
+  assert all(splits[s]["documents"] >= 1 for s in preparation.SPLITS)
+  assert sum(splits[s]["documents"] for s in preparation.SPLITS) == len(texts)
   assert splits["train"]["files"] == 2
   assert sorted(p.name for p in out.glob("train-*")) == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
   assert json.loads((out / "dataset_info.json").read_text())["splits"] == splits
-  documents = [d for s in prepare_data.SPLITS for d in decoded_documents(out, s)]
+  documents = [d for s in preparation.SPLITS for d in decoded_documents(out, s)]
   assert sorted(documents) == sorted(texts.values())  # whitespace and newlines survive exactly
-  assert sum(splits[s]["tokens"] for s in prepare_data.SPLITS) == sum(
-      len(ids) for f in out.glob("*.tfrecord") for ids in tfrecord.read_documents(str(f)))
+  assert sum(splits[s]["tokens"] for s in preparation.SPLITS) == sum(
+      len(ids) for f in out.glob("*.tfrecord") for ids in tfrecord_files.read_documents(str(f)))
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
   # The same input gives the same splits; a given tokenizer is copied, and the old folder replaced.
-  again = prepare_data.prepare(str(tmp_path / "src"), str(out), tokenizer_path=str(out / "tokenizer.model"),
+  again = preparation.prepare(str(tmp_path / "src"), str(out), tokenizer_path=str(out / "tokenizer.model"),
                                num_shards=2, progress=False)
   assert again["splits"] == splits
 
 
 def test_split_assignment_is_stable_and_fills_small_splits():
   keys = [f"file{i}.py" for i in range(400)]
-  splits = prepare_data.assign_splits(keys, 0.1, 0.05)
+  splits = preparation.assign_splits(keys, 0.1, 0.05)
   assert 20 < len(splits["validation"]) < 60 and 5 < len(splits["test"]) < 40
-  grown = prepare_data.assign_splits(keys + ["new.py"], 0.1, 0.05)
-  for s in prepare_data.SPLITS:
+  grown = preparation.assign_splits(keys + ["new.py"], 0.1, 0.05)
+  for s in preparation.SPLITS:
     assert set(splits[s]) <= set(grown[s])  # adding a file moves no other file
-  tiny = prepare_data.assign_splits(["a", "b", "c"], 0.01, 0.01)
-  assert all(len(tiny[s]) == 1 for s in prepare_data.SPLITS)
-  assert prepare_data.assign_splits(["a", "b", "c"], 0.0, 0.01)["validation"] == []
+  tiny = preparation.assign_splits(["a", "b", "c"], 0.01, 0.01)
+  assert all(len(tiny[s]) == 1 for s in preparation.SPLITS)
+  assert preparation.assign_splits(["a", "b", "c"], 0.0, 0.01)["validation"] == []
 
 
 def test_a_single_file_is_cut_into_documents_at_blank_lines(tmp_path):
   paragraphs = [f"Paragraph {i}. " + "word " * (50 + i % 200) for i in range(300)]
   text = "\n\n".join(paragraphs) + "\n"
-  pieces = prepare_data.split_into_documents(text)
+  pieces = preparation.split_into_documents(text)
   assert "".join(pieces) == text and len(pieces) > 20
   assert all(p.endswith("\n\n") for p in pieces[:-1])
   assert all(len(p) <= 8000 for p in pieces)
   one_line = "x" * 20000
-  assert "".join(prepare_data.split_into_documents(one_line)) == one_line
+  assert "".join(preparation.split_into_documents(one_line)) == one_line
   (tmp_path / "book.txt").write_text(text)
-  summary = prepare_data.prepare(str(tmp_path / "book.txt"), str(tmp_path / "out"), vocab_size=400,
+  summary = preparation.prepare(str(tmp_path / "book.txt"), str(tmp_path / "out"), vocab_size=400,
                                  progress=False)
-  assert all(summary["splits"][s]["documents"] >= 1 for s in prepare_data.SPLITS)
+  assert all(summary["splits"][s]["documents"] >= 1 for s in preparation.SPLITS)
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
@@ -105,7 +105,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 
   monkeypatch.setattr(Tokenizer, "encode_batch", interrupt)
   with pytest.raises(KeyboardInterrupt):
-    prepare_data.prepare(str(tmp_path / "src"), str(tmp_path / "out"), vocab_size=400, progress=False)
+    preparation.prepare(str(tmp_path / "src"), str(tmp_path / "out"), vocab_size=400, progress=False)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -124,12 +124,12 @@ def test_a_bpe_tokenizer_is_trained_or_reused_with_tokenizer_hf(tmp_path, make_c
 
   texts = make_sources(tmp_path / "src")
   out = tmp_path / "out"
-  summary = prepare_data.prepare(str(tmp_path / "src"), str(out), vocab_size=300, tokenizer="hf", num_shards=1,
+  summary = preparation.prepare(str(tmp_path / "src"), str(out), vocab_size=300, tokenizer="hf", num_shards=1,
                                  progress=False)
   assert summary["tokenizer_path"] == str(out / "tokenizer.json") and not (out / "tokenizer.model").exists()
   tok = HFTokenizer(out / "tokenizer.json")
   assert 260 < summary["vocab_size"] == tok.vocab_size <= 300 and (tok.bos_id, tok.eos_id) == (2, 3)
-  documents = [tok.decode(ids) for f in sorted(out.glob("*.tfrecord")) for ids in tfrecord.read_documents(str(f))]
+  documents = [tok.decode(ids) for f in sorted(out.glob("*.tfrecord")) for ids in tfrecord_files.read_documents(str(f))]
   assert sorted(documents) == sorted(texts.values())  # whitespace and newlines survive exactly
   # Training finds tokenizer.json next to the data when tokenizer_type=hf.
   config = make_config(dataset_path=str(out), dataset_type="tfrecord", tokenizer_type="hf", vocab_size=300)
@@ -142,7 +142,7 @@ def test_a_bpe_tokenizer_is_trained_or_reused_with_tokenizer_hf(tmp_path, make_c
   (saved / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
   (saved / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
   for given in (saved, saved / "tokenizer.json"):
-    again = prepare_data.prepare(str(tmp_path / "src"), str(tmp_path / "again"), tokenizer="hf",
+    again = preparation.prepare(str(tmp_path / "src"), str(tmp_path / "again"), tokenizer="hf",
                                  tokenizer_path=str(given), num_shards=1, progress=False)
     assert again["splits"] == summary["splits"]
     assert HFTokenizer(tmp_path / "again").fingerprint == tok.fingerprint

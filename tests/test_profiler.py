@@ -9,9 +9,9 @@ import types
 import jax
 import pytest
 
-from MaxText import metrics, profiler, train
+from MaxText import train
 from MaxText.errors import ConfigError
-
+from MaxText.observe import metrics, profiler
 
 # A given MFU denominator: the run skips measuring the CPU's matmul peak (seconds on a busy machine).
 RUN = dict(profiler="xplane", skip_first_n_steps_for_profiler=1, steps=4, peak_tflops_per_device=1.0)

@@ -9,18 +9,16 @@ Signals and kills need processes of their own: tests/test_interrupts.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import BASE
 
 from MaxText import errors, train
 from MaxText.tools.fault_injection import load_state
-
-from conftest import BASE
 
 TINY = ["base_emb_dim=32", "base_num_decoder_layers=1", "base_num_query_heads=2", "base_num_kv_heads=2",
         "base_mlp_dim=64", "vocab_size=128", "max_target_length=16", "per_device_batch_size=2", "num_devices=1",
@@ -198,10 +196,11 @@ def test_a_failing_save_is_one_line_naming_the_path_and_earlier_checkpoints_stay
 
 def test_a_disk_too_full_for_a_checkpoint_is_found_before_training(good, tmp_path, capsys, monkeypatch):
   import collections
-  from MaxText import storage
+
+  from MaxText import fs
 
   usage = collections.namedtuple("usage", "total used free")
-  monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+  monkeypatch.setattr(fs.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
   run = copy_run(good, tmp_path)
   code, _, err = main(tmp_path, "run", "steps=3", capsys=capsys)
   assert code == errors.EXIT_ERROR

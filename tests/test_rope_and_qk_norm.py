@@ -10,9 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from MaxText import startup, train_state
+from MaxText import startup
 from MaxText.errors import ConfigError
 from MaxText.models import layers, mudd_dense
+from MaxText.training import train_state
 from tests import reference_llama
 from tests.conftest import BASE
 from tests.test_llama import init, packed_inputs

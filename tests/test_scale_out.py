@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from MaxText import sharding_report, startup, train
+from MaxText import startup, train
+from MaxText.parallel import sharding_report
 from tests.conftest import BASE, TINY
 from tests.scale_out_steps import initial_state, run_steps
 

@@ -7,7 +7,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from MaxText import optimizers, sharding, train_state, train_step
+from MaxText.parallel import sharding
+from MaxText.training import optimizers, train_state, train_step
 
 MESH_222 = dict(num_devices=8, ici_data_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=2)
 

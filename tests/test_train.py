@@ -13,7 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from MaxText import checkpointing, errors, prepare_data, startup, train, train_state
+from MaxText import errors, startup, train
+from MaxText.checkpoint import checkpointing
+from MaxText.input_pipeline import preparation
+from MaxText.training import train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +30,7 @@ def corpus(tmp_path_factory) -> str:
                "fnmatch", "calendar", "colorsys", "contextlib", "copy", "dataclasses", "enum"):
     (source / f"{name}.txt").write_text((stdlib / f"{name}.py").read_text())
   out = tmp_path_factory.mktemp("corpus") / "data"
-  prepare_data.prepare(str(source), str(out), vocab_size=512, validation_fraction=0.15, test_fraction=0.1,
+  preparation.prepare(str(source), str(out), vocab_size=512, validation_fraction=0.15, test_fraction=0.1,
                        num_shards=2, extensions=(".txt",), progress=False)
   return str(out)
 

@@ -6,8 +6,10 @@ import os
 
 import pytest
 
-from MaxText import metrics, sharding_report, startup, topology, train, train_compile
+from MaxText import startup, train, train_compile
 from MaxText.errors import ConfigError
+from MaxText.observe import metrics
+from MaxText.parallel import sharding_report, topology
 
 BASE = "MaxText/configs/base_v2.yml"
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -8,11 +8,13 @@ import optax
 import pytest
 from flax import nnx
 
-from MaxText import models, optimizers, pyconfig, sharding, train, train_state
+from MaxText import models, pyconfig, train
 from MaxText.models import vq_attention as vqa
+from MaxText.parallel import sharding
+from MaxText.training import optimizers, train_state
 from tests import reference_vq
-from tests.test_sharding import MESH_222, global_batch, run_one_step
 from tests.checks import assert_causal
+from tests.test_sharding import MESH_222, global_batch, run_one_step
 
 # One layer of two units, width 32, d_k 16, d_v 64, 16 codes, blocks and bias window of 4 tokens.
 VQ = dict(decoder_block="transformer_vq", base_emb_dim=32, base_num_decoder_layers=1, base_num_query_heads=1,

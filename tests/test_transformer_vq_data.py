@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MaxText import input_pipeline, prepare_data, pyconfig, sharding, train
-from MaxText.input_pipeline import tfrecord
+from MaxText import input_pipeline, prepare_data, pyconfig, train
+from MaxText.input_pipeline import preparation, tfrecord_files
 from MaxText.input_pipeline.tokenizer import ByteTokenizer, Tokenizer
+from MaxText.parallel import sharding
 from tests.test_transformer_vq import VQ, init
 
 TEXT = "def f(x):\n    return  x + 1  # é ü 😀\n\n\tend"
@@ -37,15 +38,15 @@ def test_byte_tokenizer_round_trips_and_counts_bytes():
 
 def test_contiguous_byte_dataset_keeps_the_stream_in_order(stream, tmp_path):
   text = stream.read_text()
-  summary = prepare_data.prepare(str(stream), str(tmp_path / "bytes"), tokenizer="byte", contiguous=True,
+  summary = preparation.prepare(str(stream), str(tmp_path / "bytes"), tokenizer="byte", contiguous=True,
                                  validation_fraction=0.1, test_fraction=0.1, document_chars=10_000, num_shards=1,
                                  progress=False)
   assert summary["tokenizer"] == "byte" and summary["vocab_size"] == 260
   assert not (tmp_path / "bytes" / "tokenizer.model").exists()
   tok, pieces = ByteTokenizer(), {}
-  for split in prepare_data.SPLITS:
-    (path,) = tfrecord.split_files(str(tmp_path / "bytes"), split)
-    pieces[split] = "".join(tok.decode(doc) for doc in tfrecord.read_documents(path))
+  for split in preparation.SPLITS:
+    (path,) = tfrecord_files.split_files(str(tmp_path / "bytes"), split)
+    pieces[split] = "".join(tok.decode(doc) for doc in tfrecord_files.read_documents(path))
   assert pieces["train"] + pieces["validation"] + pieces["test"] == text
   assert len(pieces["validation"]) == round(0.1 * len(text))
   assert summary["splits"]["train"]["documents"] == math.ceil(len(pieces["train"]) / 10_000)
@@ -76,7 +77,7 @@ def test_byte_config_errors(make_config):
 def test_byte_level_evaluation_reports_bits_per_byte(make_config, stream, tmp_path):
   """Without BOS/EOS every target is one byte, so bits per byte is exactly the loss over ln 2."""
   data = tmp_path / "bytes"
-  prepare_data.prepare(str(stream), str(data), tokenizer="byte", contiguous=True, validation_fraction=0.1,
+  preparation.prepare(str(stream), str(data), tokenizer="byte", contiguous=True, validation_fraction=0.1,
                        test_fraction=0.1, document_chars=20_000, num_shards=1, progress=False)
   config = make_config(**{**VQ, "vocab_size": 260}, dataset_type="tfrecord", dataset_path=str(data),
                        tokenizer_type="byte", add_bos=False, add_eos=False, per_device_batch_size=4.0, eval_steps=2)

@@ -8,7 +8,6 @@ whenever the preparation changes, so stale caches are never reused.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
@@ -16,7 +15,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from MaxText import fs
 from MaxText.errors import ConfigError, PrepareError
+from MaxText.input_pipeline.preparation import INFO_FILE, prepare
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/maxtext_research"
@@ -44,26 +45,12 @@ def corpus_dir(cache_dir: str = "", vocab_size: int = 8192, tokenizer_path: str 
   return cache / name
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-  import fcntl  # noqa: PLC0415 (POSIX only, like the multi-process launchers that need it)
-
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_default_corpus(cache_dir: str = "", vocab_size: int = 8192, tokenizer_path: str = "",
                           source_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
   """The prepared folder, preparing it first if no process has yet; safe for concurrent processes.
 
   `source_dir` replaces the standard library (tests use a small folder).
   """
-  from MaxText.prepare_data import INFO_FILE, prepare  # noqa: PLC0415 (a script; loaded only for the corpus)
-
   if tokenizer_path and not Path(tokenizer_path).expanduser().is_file():
     raise ConfigError(f"tokenizer_path {tokenizer_path!r} is not a file")
   source = Path(source_dir) if source_dir is not None else stdlib_dir()
@@ -75,7 +62,7 @@ def ensure_default_corpus(cache_dir: str = "", vocab_size: int = 8192, tokenizer
     target.parent.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"dataset_cache_dir: cannot create {str(target.parent)!r}: {e.strerror}") from None
-  with _file_lock(target.parent / f".{target.name}.lock"):
+  with fs.file_lock(target.parent / f".{target.name}.lock"):
     if (target / INFO_FILE).is_file():
       return target  # another process prepared it while this one waited
     print(f"preparing the default corpus (the Python {platform.python_version()} standard library in "

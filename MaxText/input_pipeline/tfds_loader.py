@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from MaxText.errors import ConfigError, DataError
-from MaxText.input_pipeline import tfrecord
+from MaxText.input_pipeline import tfrecord_files
 from MaxText.input_pipeline.sources import SOURCES, Location, Source
 from MaxText.input_pipeline.token_store import file_fingerprint
 
@@ -27,7 +27,7 @@ def _reason(e: BaseException) -> str:
 
 def load_builder(name: str, data_dir: str):
   """The read-only builder of a prepared dataset `name` (`name/config:version` also works) in data_dir."""
-  tfrecord.import_tf()
+  tfrecord_files.import_tf()
   try:
     import tensorflow_datasets as tfds  # noqa: PLC0415 (slow import, only for this dataset type)
     from tensorflow_datasets.core import read_only_builder  # noqa: PLC0415
@@ -92,21 +92,21 @@ class TfdsSource(Source):
     return f"tfds|{self.name}|{self.split}|{self.text_key}|{file_fingerprint(self._files)}|{tok}"
 
   def _chunks(self, ds) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    tf = tfrecord.import_tf()
+    tf = tfrecord_files.import_tf()
     options = tf.data.Options()
     options.deterministic = True
     ds = ds.batch(_CHUNK_DOCS) if self.is_text else ds.ragged_batch(_CHUNK_DOCS)
     try:
       for item in ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator():
         if self.is_text:
-          yield tfrecord.tokenize_texts(self.tokenizer, item)
+          yield tfrecord_files.tokenize_texts(self.tokenizer, item)
         else:
           lengths_D = np.asarray(item.row_lengths(), np.int64) if hasattr(item, "row_lengths") else \
               np.fromiter((len(x) for x in item), np.int64)
           flat = item.flat_values if hasattr(item, "flat_values") else np.concatenate(list(item) or [[]])
           yield np.asarray(flat, np.int64), lengths_D
     except tf.errors.OpError as e:
-      raise DataError(f"reading {self.where} failed: {tfrecord.tf_error_line(e.message)}") from None
+      raise DataError(f"reading {self.where} failed: {tfrecord_files.tf_error_line(e.message)}") from None
 
   def labelled_chunks(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     key = self.text_key

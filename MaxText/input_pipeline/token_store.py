@@ -20,7 +20,6 @@ and where it is are kept, so a vocab_size too small for the data fails when the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -33,24 +32,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from MaxText import fs
 from MaxText.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
 META_FILE = "store.json"
 _CONVERT_TOKENS = 1 << 24  # tokens per step when narrowing the token file to uint16
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-  """An exclusive lock held on `path` (created if missing) for the duration of the block."""
-  import fcntl  # noqa: PLC0415 (POSIX only, like the multi-process launchers that need it)
-
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def store_key(fingerprint: str) -> str:
@@ -142,7 +129,7 @@ def ensure(cache_root: str | os.PathLike, fingerprint: str,
     root.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"dataset_cache_dir: cannot create {str(root)!r}: {e.strerror}") from None
-  with file_lock(root / f".{key}.lock"):
+  with fs.file_lock(root / f".{key}.lock"):
     if (folder / META_FILE).is_file():
       return TokenStore(folder)  # another process built it while this one waited
     if progress:

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from MaxText import sharding
 from MaxText.errors import ConfigError
 from MaxText.models import attention
+from MaxText.parallel import sharding
 
 # The kernel computes keys in blocks whose length must be a multiple of this (TPU lanes).
 LANES = 128
@@ -49,8 +49,8 @@ def check_config(config) -> None:
 def _kernel(heads: int, length: int, interpret: bool, mesh):
   """The splash kernel of one example: q [heads, length, E], k and v [kv heads, length, E]. Its mask tables
   are made under `mesh` (the shard_map's; None without one), whose axes their types then carry."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
-      splash_attention_kernel as sk, splash_attention_mask as sm)
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
   mask = sm.MultiHeadMask(masks=(sm.CausalMask(shape=(length, length)),) * heads)
   b = block_length(length)

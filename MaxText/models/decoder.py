@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from MaxText import parametrization
-from MaxText.models import ModelFamily, attention, layers
+from MaxText.models import ModelFamily, attention, layers, parametrization
 from MaxText.models.layers import BLD, BLV
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 
 class Decoder(ModelFamily):

@@ -21,11 +21,10 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from MaxText import parametrization
 from MaxText.errors import ConfigError
-from MaxText.models import attention, decoder, layers, register
+from MaxText.models import attention, decoder, layers, parametrization, register
 from MaxText.models.layers import BLD, BLHE, BLKE
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

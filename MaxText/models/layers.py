@@ -10,7 +10,7 @@ Shape letters in names (x_BLD, w_DF, ...), used across models/:
 
 Every parameter is made by `param`, which records its logical axis names (the only sharding vocabulary;
 `sharding.py` maps them to mesh axes) and its role (embedding, hidden, readout, gain, bias), from which a
-parametrization can derive init scales and learning-rate multipliers (see MaxText/parametrization.py).
+parametrization can derive init scales and learning-rate multipliers (see MaxText/models/parametrization.py).
 
 Layers take an optional `stats` dict: when the model records activations (`record_activations`, for the
 coordinate check) they put mean |activation| of their sites in it; when it is None they add no operation.
@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from MaxText.errors import ConfigError
+from MaxText.parallel.sharding import constrain
 from MaxText.registry import Registry
-from MaxText.sharding import constrain
 
 BLD = ("activation_batch", "activation_length", "activation_embed")
 BLHE = ("activation_batch", "activation_length", "activation_heads", None)

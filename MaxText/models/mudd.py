@@ -19,7 +19,7 @@ from flax import nnx
 from MaxText.errors import ConfigError
 from MaxText.models import decoder, hf_mudd, layers, mudd_dense, register, transformer_pp
 from MaxText.models.layers import BLD
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 
 class Layer(nnx.Module):

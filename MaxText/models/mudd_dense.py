@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from MaxText.errors import ConfigError
 from MaxText.models import layers
 from MaxText.models.layers import BLD
-from MaxText.errors import ConfigError
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 STREAMS = "qkvr"  # query, key, value and residual inputs of a block
 BLCJ = ("activation_batch", "activation_length", None, None)

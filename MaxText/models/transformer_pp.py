@@ -2,7 +2,7 @@
 
 As the MUDDFormer code base's Llama2 baseline: init N(0, init_weights_std^2) everywhere, activations in
 `dtype`, parameters in `weight_dtype`, logits and softmax in float32. Under `parametrization: mup` the
-init is redrawn from the parameters' roles (MaxText/parametrization.py); the model itself only asks for
+init is redrawn from the parameters' roles (MaxText/models/parametrization.py); the model itself only asks for
 the attention scale and the output multiplier, and tags the query projection.
 """
 
@@ -12,11 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from MaxText import parametrization
 from MaxText.errors import ConfigError
-from MaxText.models import attention, decoder, hf_llama, layers, register
+from MaxText.models import attention, decoder, hf_llama, layers, parametrization, register
 from MaxText.models.layers import BLD, BLHE, BLKE
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 
 class Attention(nnx.Module):

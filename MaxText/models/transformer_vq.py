@@ -14,17 +14,15 @@ which optimizers.py updates by SGD with learning rate 1).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from MaxText import parametrization
 from MaxText.errors import ConfigError
-from MaxText.models import ModelFamily, decoder, layers, register
+from MaxText.models import ModelFamily, decoder, layers, parametrization, register
 from MaxText.models import vq_attention as vqa
 from MaxText.models.layers import BLD, BLV
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 BLF = ("activation_batch", "activation_length", "activation_mlp")
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from MaxText.models.attention import MASK_VALUE
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 BXLF = ("activation_batch", None, None, "activation_mlp")
 BXZF = ("activation_batch", None, None, "activation_mlp")

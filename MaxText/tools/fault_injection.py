@@ -6,7 +6,7 @@ and check that it ends exactly where an uninterrupted run ends.
 Both runs get the same key=value arguments (on top of a tiny synthetic-data model, 12 steps, a checkpoint
 every 2 steps and an evaluation every 4; any key can be overridden). The faulted run is killed with SIGKILL
 at each chosen point: the process kills itself when its loop reaches the point (`MAXTEXT_KILL_AT`,
-MaxText/faults.py), after a random delay of up to --max-delay seconds, so the kill lands inside that step,
+MaxText/training/faults.py), after a random delay of up to --max-delay seconds, so the kill lands inside that step,
 background save or evaluation, or a little later. Points are drawn in turn from the three kinds, each after
 the step the previous kill left a checkpoint for, so every kill interrupts work the run still has to do.
 
@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from MaxText import faults, pyconfig  # noqa: E402
+from MaxText import pyconfig  # noqa: E402
 from MaxText.errors import ConfigError  # noqa: E402
+from MaxText.training import faults  # noqa: E402
 
 DEFAULTS = ["base_emb_dim=32", "base_num_decoder_layers=2", "base_num_query_heads=2", "base_num_kv_heads=2",
             "base_mlp_dim=64", "vocab_size=128", "max_target_length=16", "per_device_batch_size=2", "steps=12",
@@ -93,7 +94,7 @@ def load_state(step_dir: Path) -> dict:
   import numpy as np  # noqa: PLC0415
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  from MaxText import integrity  # noqa: PLC0415
+  from MaxText.checkpoint import integrity  # noqa: PLC0415
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -20,7 +20,8 @@ if __package__ in (None, ""):
 
 import jax  # noqa: E402
 
-from MaxText import models, pyconfig, startup, train_state  # noqa: E402
+from MaxText import models, pyconfig, startup  # noqa: E402
+from MaxText.training import train_state  # noqa: E402
 
 CONNECTION = ("w1", "w2", "bias", "generator_norm")
 

@@ -59,7 +59,7 @@ def run_one(model: str, seed: int, args) -> dict:
          "eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"],
          "eval_bits_per_byte": result.get("eval_bits_per_byte"),
          "curve": [{"step": s, "loss": loss, "tokens_per_s": tps} for s, loss, tps in curve]}
-  from MaxText import train_state  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
 
   out["params"] = train_state.model_spec(config).num_params
   with open(done, "w") as f:

@@ -20,7 +20,9 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from MaxText import input_pipeline, pyconfig, sharding, startup, train, train_state, train_step  # noqa: E402
+from MaxText import input_pipeline, pyconfig, startup, train  # noqa: E402
+from MaxText.parallel import sharding  # noqa: E402
+from MaxText.training import train_state, train_step  # noqa: E402
 
 RESULTS_DIR = os.path.join("benchmarks", "results")
 ASSETS_DIR = "assets"

@@ -14,8 +14,10 @@ import sys
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from MaxText import parametrization, startup, train_state  # noqa: E402
+from MaxText import startup  # noqa: E402
 from MaxText.errors import ConfigError  # noqa: E402
+from MaxText.models import parametrization  # noqa: E402
+from MaxText.training import train_state  # noqa: E402
 
 
 def render(config) -> str:

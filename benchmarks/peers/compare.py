@@ -88,13 +88,14 @@ def maxtext(peer_dir: Path, python: str, steps: int, workdir: Path) -> dict:
 
 def shakespeare_bytes(peer_dir: Path, cache: Path) -> Path:
   """nanoGPT's input.txt, prepared as bytes with the same 90/10 train/validation cut nanoGPT makes."""
-  from MaxText import prepare_data  # noqa: PLC0415
+
+  from MaxText.input_pipeline import preparation  # noqa: PLC0415
 
   text = peer_dir / "data" / "shakespeare_char" / "input.txt"
   if not text.is_file():
     raise SystemExit(f"{text} is missing: put tinyshakespeare's input.txt there and run its prepare.py")
   out = cache / "shakespeare_bytes"
-  prepare_data.prepare(str(text), str(out), tokenizer="byte", contiguous=True, validation_fraction=0.1,
+  preparation.prepare(str(text), str(out), tokenizer="byte", contiguous=True, validation_fraction=0.1,
                        test_fraction=0.0, document_chars=100_000, progress=False)
   return out
 

@@ -130,7 +130,7 @@ def main() -> None:
   parser.add_argument("--repeat", type=int, default=200)
   parser.add_argument("--out", default=str(RESULTS / "peers_kernels.json"))
   args = parser.parse_args()
-  from MaxText import distributed  # noqa: PLC0415
+  from MaxText.parallel import distributed  # noqa: PLC0415
 
   distributed.skip_absent_tpu()  # as train.py does: libtpu (installed for AOT compiles) stays unloaded here
   rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from MaxText import parametrization
+from MaxText.models import parametrization
 from MaxText.registry import Registry
 
 NO_DECAY_ROLES = ("gain", "bias")

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from MaxText import models, parametrization, sharding
+from MaxText import models
+from MaxText.models import parametrization
+from MaxText.parallel import sharding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from MaxText import cross_entropy
-from MaxText.optimizers import STATISTICS_ROLES
-from MaxText.train_state import ModelSpec, bind
+from MaxText.training import cross_entropy
+from MaxText.training.optimizers import STATISTICS_ROLES
+from MaxText.training.train_state import ModelSpec, bind
 
 BATCH_KEYS = ("inputs", "targets", "inputs_position", "inputs_segmentation", "targets_segmentation")
 SUM_KEYS = ("nll_sum", "z_loss_sum", "aux_loss_sum", "tokens")

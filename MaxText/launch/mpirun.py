@@ -1,11 +1,11 @@
 """Train on GPU hosts with Open MPI's mpirun: one process per GPU on every host.
 
-  python scripts/mpirun.py --hosts gpu1,gpu2 --gpus_per_host 8 -- run_name=mudd model_name=MUDDLlama2Medium \
+  python MaxText/launch/mpirun.py --hosts gpu1,gpu2 --gpus_per_host 8 -- run_name=mudd model_name=MUDDLlama2Medium \
       dataset_path=/data/pile
-  python scripts/mpirun.py --hosts gpu1,gpu2 --gpus_per_host 8 --dry_run -- run_name=mudd ...
+  python MaxText/launch/mpirun.py --hosts gpu1,gpu2 --gpus_per_host 8 --dry_run -- run_name=mudd ...
 
 JAX joins the job from Open MPI's variables (OMPI_COMM_WORLD_*), and the trainer binds local rank i of a
-host to that host's GPU i (MaxText/distributed.py), so no two processes share a GPU. The repository must
+host to that host's GPU i (MaxText/parallel/distributed.py), so no two processes share a GPU. The repository must
 be at the same path on every host (--workdir). CPU hosts: --gpus_per_host 0 --processes_per_host N.
 """
 
@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import launch_common
+if __package__ in (None, ""):  # `python MaxText/launch/x.py`: the repository root on the path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from MaxText.launch import common  # noqa: E402
 
 
 def command(args, overrides) -> list[str]:
@@ -35,19 +39,19 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--gpus_per_host", type=int, required=True)
   p.add_argument("--processes_per_host", type=int, default=0, help="default: one per GPU")
   p.add_argument("--export", action="append", default=[], metavar="NAME", help="another environment variable to pass")
-  p.add_argument("--workdir", default=str(launch_common.ROOT), help="the repository, at this path on every host")
-  launch_common.add_common(p)
+  p.add_argument("--workdir", default=str(common.ROOT), help="the repository, at this path on every host")
+  common.add_common(p)
   return p
 
 
 def main(argv=None) -> int:
-  options, overrides = launch_common.split_argv(sys.argv[1:] if argv is None else argv)
+  options, overrides = common.split_argv(sys.argv[1:] if argv is None else argv)
   args = parser().parse_args(options)
-  launch_common.check_overrides(overrides)
+  common.check_overrides(overrides)
   if not (args.processes_per_host or args.gpus_per_host) or not [h for h in args.hosts.split(",") if h]:
     print("error: give --hosts and --gpus_per_host (or --processes_per_host on CPU hosts)", file=sys.stderr)
     return 2
-  return launch_common.run([command(args, overrides)], args.dry_run, interactive=True)
+  return common.run([command(args, overrides)], args.dry_run, interactive=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Train on a Cloud TPU VM slice (every worker of a pod) through `gcloud compute tpus tpu-vm`.
 
   # create a v5p-8, put this commit on every worker, install, start training in a tmux session:
-  python scripts/tpu_pod.py --tpu mudd --zone us-east5-a --accelerator_type v5p-8 launch -- \
+  python MaxText/launch/tpu_pod.py --tpu mudd --zone us-east5-a --accelerator_type v5p-8 launch -- \
       run_name=mudd model_name=MUDDLlama2Medium dataset_path=gs://BUCKET/pile base_output_directory=gs://BUCKET/runs
-  python scripts/tpu_pod.py --tpu mudd --zone us-east5-a attach          # watch worker 0 (Ctrl-b d detaches)
-  python scripts/tpu_pod.py --tpu mudd --zone us-east5-a logs --worker 1 # the last lines of worker 1's log
-  python scripts/tpu_pod.py --tpu mudd --zone us-east5-a stop            # SIGTERM: save a checkpoint, exit
-  python scripts/tpu_pod.py --tpu mudd --zone us-east5-a delete
+  python MaxText/launch/tpu_pod.py --tpu mudd --zone us-east5-a attach          # watch worker 0 (Ctrl-b d detaches)
+  python MaxText/launch/tpu_pod.py --tpu mudd --zone us-east5-a logs --worker 1 # the last lines of worker 1's log
+  python MaxText/launch/tpu_pod.py --tpu mudd --zone us-east5-a stop            # SIGTERM: save a checkpoint, exit
+  python MaxText/launch/tpu_pod.py --tpu mudd --zone us-east5-a delete
 
 Actions: create, install (clone or update the repository at one commit on every worker, then
 `pip install -r requirements_tpu.txt`), start (the trainer in a detached tmux session on every worker,
@@ -21,21 +21,24 @@ import argparse
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
-import launch_common
+if __package__ in (None, ""):  # `python MaxText/launch/x.py`: the repository root on the path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from MaxText.launch import common  # noqa: E402
 
 ACTIONS = ("create", "install", "start", "launch", "attach", "logs", "stop", "kill", "delete")
 
 
 def _topology():
-  sys.path.insert(0, str(launch_common.ROOT))
-  from MaxText import topology  # noqa: PLC0415 (pure Python: names, chips, runtime versions)
+  from MaxText.parallel import topology  # noqa: PLC0415 (pure Python: names, chips, runtime versions)
 
   return topology
 
 
 def _git(*args: str) -> str:
-  out = subprocess.run(["git", "-C", str(launch_common.ROOT), *args], capture_output=True, text=True)
+  out = subprocess.run(["git", "-C", str(common.ROOT), *args], capture_output=True, text=True)
   return out.stdout.strip() if out.returncode == 0 else ""
 
 
@@ -69,7 +72,7 @@ def install_script(repo: str, commit: str, directory: str, python: str) -> str:
 def start_script(args, overrides) -> str:
   """A detached tmux session running the trainer; its pid goes to ~/<session>.pid for `stop`, its output
   to the pane and to ~/<session>.log, and the pane stays open (a shell) after the trainer exits."""
-  session, train = args.session, launch_common.train_command(args.python, args.config, overrides)
+  session, train = args.session, common.train_command(args.python, args.config, overrides)
   env = " ".join(shlex.quote(e) for e in args.env)
   runner = (f"{'env ' + env + ' ' if env else ''}{train} & echo $! > ~/{session}.pid; wait $!; "
             f"echo trainer exited with code $?; exec bash")
@@ -91,7 +94,7 @@ def commands(args, overrides) -> list[list[str]]:
       raise SystemExit("error: no git remote 'origin' or commit here; pass --repo URL and --commit REV")
     out.append(ssh(args, "all", install_script(repo, commit, args.dir, args.python)))
   if action in ("start", "launch"):
-    launch_common.check_overrides(overrides)
+    common.check_overrides(overrides)
     out.append(ssh(args, "all", start_script(args, overrides)))
   if action == "attach":
     out.append(gcloud(args, "ssh", args.tpu, f"--zone={args.zone}", f"--worker={args.worker}", "--",
@@ -125,19 +128,19 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="start: environment for the trainer")
   p.add_argument("--worker", default="0", help="attach / logs: which worker")
   p.add_argument("--lines", type=int, default=100, help="logs: how many lines")
-  launch_common.add_common(p)
+  common.add_common(p)
   return p
 
 
 def main(argv=None) -> int:
-  options, overrides = launch_common.split_argv(sys.argv[1:] if argv is None else argv)
+  options, overrides = common.split_argv(sys.argv[1:] if argv is None else argv)
   args = parser().parse_args(options)
   try:
     cmds = commands(args, overrides)
   except ValueError as e:  # MaxText's ConfigError (an unknown accelerator type) is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2
-  return launch_common.run(cmds, args.dry_run, interactive=args.action == "attach")
+  return common.run(cmds, args.dry_run, interactive=args.action == "attach")
 
 
 if __name__ == "__main__":

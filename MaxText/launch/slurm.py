@@ -1,11 +1,11 @@
 """Train on a Slurm GPU cluster: write an sbatch script (one process per GPU) and submit it.
 
-  python scripts/slurm.py --nodes 2 --gpus_per_node 8 --partition gpu --time 24:00:00 -- \
+  python MaxText/launch/slurm.py --nodes 2 --gpus_per_node 8 --partition gpu --time 24:00:00 -- \
       run_name=mudd model_name=MUDDLlama2Medium dataset_path=/data/pile
-  python scripts/slurm.py --nodes 2 --gpus_per_node 8 --dry_run -- run_name=mudd ...   # print, submit nothing
+  python MaxText/launch/slurm.py --nodes 2 --gpus_per_node 8 --dry_run -- run_name=mudd ...   # print, submit nothing
 
 Each task is one process driving one GPU: JAX joins the job from Slurm's variables and the trainer binds
-process i of a node to that node's GPU i (MaxText/distributed.py), so no two processes share a GPU.
+process i of a node to that node's GPU i (MaxText/parallel/distributed.py), so no two processes share a GPU.
 Slurm sends SIGTERM two minutes before the time limit (--signal), on which the trainer saves a
 checkpoint and exits; submitting the same script again resumes the run.
 """
@@ -17,7 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import launch_common
+if __package__ in (None, ""):  # `python MaxText/launch/x.py`: the repository root on the path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from MaxText.launch import common  # noqa: E402
 
 
 def sbatch_script(args, overrides) -> str:
@@ -38,7 +41,7 @@ def sbatch_script(args, overrides) -> str:
   lines += ["set -euo pipefail",
             # Unbuffered, so the log shows each process's lines as they come.
             f"srun --kill-on-bad-exit=1 env PYTHONUNBUFFERED=1 "
-            f"{launch_common.train_command(args.python, args.config, overrides)}"]
+            f"{common.train_command(args.python, args.config, overrides)}"]
   return "\n".join(lines) + "\n"
 
 
@@ -53,17 +56,17 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--account", default="")
   p.add_argument("--job_name", default="maxtext")
   p.add_argument("--sbatch", action="append", default=[], metavar="FLAG", help="another #SBATCH line, e.g. --qos=high")
-  p.add_argument("--workdir", default=str(launch_common.ROOT), help="the repository on the cluster's shared disk")
+  p.add_argument("--workdir", default=str(common.ROOT), help="the repository on the cluster's shared disk")
   p.add_argument("--log_dir", default="slurm_logs", help="where Slurm writes the job's output (under --workdir)")
   p.add_argument("--script", default="", help="where to write the sbatch script (default: <log_dir>/<job_name>.sbatch)")
-  launch_common.add_common(p)
+  common.add_common(p)
   return p
 
 
 def main(argv=None) -> int:
-  options, overrides = launch_common.split_argv(sys.argv[1:] if argv is None else argv)
+  options, overrides = common.split_argv(sys.argv[1:] if argv is None else argv)
   args = parser().parse_args(options)
-  launch_common.check_overrides(overrides)
+  common.check_overrides(overrides)
   if args.nodes < 1 or args.gpus_per_node < 1:
     print("error: --nodes and --gpus_per_node must be at least 1", file=sys.stderr)
     return 2
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
   path = Path(args.script or Path(args.workdir) / args.log_dir / f"{args.job_name}.sbatch")
   if args.dry_run:
     print(f"# {path}\n{script}", end="")
-    return launch_common.run([["sbatch", str(path)]], dry_run=True)
+    return common.run([["sbatch", str(path)]], dry_run=True)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(script)
   try:
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
   except subprocess.CalledProcessError:
     print(f"error: {path} is not a valid bash script", file=sys.stderr)
     return 2
-  return launch_common.run([["sbatch", str(path)]], dry_run=False)
+  return common.run([["sbatch", str(path)]], dry_run=False)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from MaxText.models.layers import BLD, BLV
-from MaxText.sharding import constrain
+from MaxText.parallel.sharding import constrain
 
 
 def logit_sums(logits_BLV, targets_BL, mask_BL) -> tuple[jax.Array, jax.Array]:

@@ -25,7 +25,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from MaxText import fs, integrity, storage, tensor_files
+from MaxText import fs
+from MaxText.checkpoint import integrity, tensor_files
 from MaxText.errors import CheckpointError, StorageError
 
 DAMAGED = "damaged"  # subfolder of the checkpoint folder that receives damaged steps
@@ -87,7 +88,7 @@ class Checkpointer:
     self.period = period
     self.fallback = fallback
     quiet_library_logs()
-    storage.ensure_folder(self.directory, "checkpoint folder")
+    fs.ensure_folder(self.directory, "checkpoint folder")
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=checkpoint_managers.FixedIntervalPolicy(max(period, 1)),
         preservation_policy=checkpoint_managers.LatestN(keep) if keep > 0 else None,
@@ -101,7 +102,7 @@ class Checkpointer:
           item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                          "meta": ocp.JsonCheckpointHandler()})
     except OSError as e:
-      raise StorageError(f"cannot open checkpoint folder {self.directory}: {storage.describe_os_error(e)}") from None
+      raise StorageError(f"cannot open checkpoint folder {self.directory}: {fs.describe_os_error(e)}") from None
     self._pending: int | None = None  # the step of a save that may still be running in the background
 
   @classmethod
@@ -122,7 +123,7 @@ class Checkpointer:
   def ensure_space(self, abstract_state: Any) -> None:
     """A disk too full for one checkpoint of this process's part of the state is an error before training."""
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) // jax.process_count()
-    storage.ensure_space(self.directory, nbytes, "checkpoint folder")
+    fs.ensure_space(self.directory, nbytes, "checkpoint folder")
 
   # --- saving ---
 

@@ -1,0 +1,1 @@
+"""Checkpoints: Orbax save and restore with checksums, converted tensor files."""

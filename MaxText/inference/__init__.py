@@ -1,0 +1,1 @@
+"""Generation: sampling strategies and the KV-cache decoder."""

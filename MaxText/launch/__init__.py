@@ -1,0 +1,1 @@
+"""Launchers: command lines around `python MaxText/train.py ...` for TPU pods, Slurm and Open MPI."""

@@ -1,0 +1,1 @@
+"""Watching a run: metrics (TensorBoard, metrics.jsonl, MFU) and the profiler."""

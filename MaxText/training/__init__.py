@@ -1,0 +1,1 @@
+"""The training step and loop: state, step, loss, optimizers, divergence guard."""
