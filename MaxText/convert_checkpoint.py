@@ -20,7 +20,7 @@ check runs the model in float32 on the token ids of T.npy (int, [batch, length])
 with a saved array or with transformers run on the same tokens. The last line printed is the maximum
 absolute difference; the exit code is 1 above --atol, 2 on an error.
 
-This file knows no model family: the family is `--family` or the one whose `hf_model_type` is the HF
+This file knows no model family: the family is `--family` or the one whose `hf_model_type()` is the HF
 config's model_type, and its hooks (models/__init__.py) map the config and every tensor.
 """
 
@@ -32,17 +32,32 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 if __package__ in (None, ""):  # `python MaxText/convert_checkpoint.py` puts MaxText/ itself on the path
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
 
-from MaxText import pyconfig  # noqa: E402
-from MaxText.checkpoint import tensor_files  # noqa: E402
-from MaxText.errors import CheckpointError, ConfigError  # noqa: E402
+from MaxText import (
+  models,
+  startup,
+)
+from MaxText.checkpoint import (
+  checkpointing,
+  tensor_files,
+)
+from MaxText.config import loader
+from MaxText.errors import CheckpointError, ConfigError
+from MaxText.input_pipeline.tokenizer import TOKENIZERS
+from MaxText.models import conversion
+from MaxText.parallel import sharding
+from MaxText.training import train_state
 
 # Tokenizer files a Hugging Face folder may hold, carried along both ways.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -51,14 +66,12 @@ PARAMS_FILE = f"{tensor_files.PARAMS_PREFIX}.safetensors"
 
 
 def _family_for(hf: Mapping[str, Any], name: str | None):
-  from MaxText import models  # noqa: PLC0415
-
   if name:
     return models.get_family(name)
   model_type = hf.get("model_type")
-  found = [family for _, family in models.FAMILIES.items() if family.hf_model_type and family.hf_model_type == model_type]
+  found = [family for _, family in models.FAMILIES.items() if family.hf_model_type() == model_type != ""]
   if not found:
-    known = ", ".join(f"{f.hf_model_type} ({n})" for n, f in models.FAMILIES.items() if f.hf_model_type)
+    known = ", ".join(f"{f.hf_model_type()} ({n})" for n, f in models.FAMILIES.items() if f.hf_model_type())
     raise ConfigError(f"HF config key 'model_type'={model_type!r}: no model family converts it (known: {known}); "
                       f"name one with --family")
   return found[0]
@@ -66,8 +79,6 @@ def _family_for(hf: Mapping[str, Any], name: str | None):
 
 def _config(argv_tail: list[str], **overrides):
   """The validated Config of `[config.yml, key=value, ...]` (a run's config.yml layered in, as decode.py)."""
-  from MaxText import startup  # noqa: PLC0415
-
   argv = [sys.argv[0], *argv_tail]
   return startup.load_config(argv, for_run=True, **overrides)
 
@@ -130,8 +141,6 @@ class _Seen(_View):
 
 
 def _yaml_config(keys: dict[str, Any], header: str) -> str:
-  import yaml  # noqa: PLC0415
-
   return header + yaml.safe_dump(keys, sort_keys=False, default_flow_style=None, width=120)
 
 
@@ -143,9 +152,6 @@ def _hf_dtype(hf: Mapping[str, Any]) -> str:
 def to_maxtext(hf_path: str, output_path: str, family_name: str | None = None, weight_dtype: str = "float32",
                progress: bool = True) -> dict[str, Any]:
   """Convert an HF folder into OUT/params.safetensors + OUT/config.yml; returns a summary."""
-  from MaxText import startup  # noqa: PLC0415
-  from MaxText.training import train_state  # noqa: PLC0415
-
   start = time.perf_counter()
   hf_dir, out = Path(hf_path).expanduser().absolute(), Path(output_path).expanduser().absolute()
   hf = tensor_files.read_config(hf_dir)
@@ -155,11 +161,10 @@ def to_maxtext(hf_path: str, output_path: str, family_name: str | None = None, w
   if dtype_name not in ("float32", "bfloat16"):
     raise ConfigError(f"--weight_dtype must be float32, bfloat16 or auto, got {weight_dtype!r}")
   keys["weight_dtype"] = dtype_name
-  config = startup.load_config([sys.argv[0], str(pyconfig.BASE_CONFIG)], env={}, **keys)
+  config = startup.load_config([sys.argv[0], str(loader.BASE_CONFIG)], env={}, **keys)
   tensors = tensor_files.open_folder(hf_dir)
   seen = _Seen(tensors)
   spec = train_state.model_spec(config)
-  import jax  # noqa: PLC0415
 
   expected = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_flatten_with_path(spec.shapes)[0]}
@@ -205,11 +210,6 @@ def to_maxtext(hf_path: str, output_path: str, family_name: str | None = None, w
 def _host_params(config, step: int | None):
   """(parameters, where from) of the run a config names: lazy numpy leaves from a converted checkpoint, or
   the arrays of an Orbax checkpoint."""
-  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
-  from MaxText.models import conversion  # noqa: PLC0415
-  from MaxText.parallel import sharding  # noqa: PLC0415
-  from MaxText.training import train_state  # noqa: PLC0415
-
   ckpt_dir = Path(config.checkpoint_dir)
   has_run = config.enable_checkpointing and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
   if not has_run or step == 0:
@@ -251,8 +251,6 @@ def _tokenizer_files(config) -> list[Path]:
 def to_hf(argv_tail: list[str], output_path: str, dtype: str | None = None, max_shard_size: str = "5GB",
           progress: bool = True) -> dict[str, Any]:
   """Write the run's parameters as an HF checkpoint folder; returns a summary."""
-  from MaxText import models  # noqa: PLC0415
-
   start = time.perf_counter()
   argv_tail, step = _take_step(argv_tail)
   config = _config(argv_tail)
@@ -282,8 +280,6 @@ def to_hf(argv_tail: list[str], output_path: str, dtype: str | None = None, max_
     shutil.copyfile(path, out / path.name)
     copied.append(path.name)
   if copied:
-    from MaxText.input_pipeline.tokenizer import TOKENIZERS  # noqa: PLC0415
-
     tokenizer = TOKENIZERS.get(config.tokenizer_type)(config.tokenizer_path)
     hf.setdefault("bos_token_id", tokenizer.bos_id)
     hf.setdefault("eos_token_id", tokenizer.eos_id)
@@ -294,12 +290,6 @@ def to_hf(argv_tail: list[str], output_path: str, dtype: str | None = None, max_
 
 def our_logits(config, tokens: np.ndarray, step: int | None = None) -> np.ndarray:
   """float32 logits [B, L, V] of the run's parameters on `tokens` (one document per row)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from MaxText.parallel import sharding  # noqa: PLC0415
-  from MaxText.training import train_state  # noqa: PLC0415
-
   spec = train_state.model_spec(config)
   mesh = sharding.make_mesh(config)
   params, _ = _host_params(config, step)
@@ -318,8 +308,8 @@ def hf_logits(hf_path: str, tokens: np.ndarray, trust_remote_code: bool = False)
   """float32 logits of transformers' AutoModelForCausalLM from a local folder (never the network)."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   try:
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (optional: the hf extra, only to compare with transformers)
+    import transformers  # noqa: PLC0415 (optional: the hf extra, 0.8 s to import)
   except ImportError as e:
     raise ConfigError(f"--hf_path needs torch and transformers ({e.name} is not installed)") from None
   if not Path(hf_path).expanduser().is_dir():
@@ -395,35 +385,33 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+@startup.cli
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args, rest = _parser().parse_known_args(argv)
   unknown = [a for a in rest if a.startswith("--") and "=" not in a]
-  try:
-    if unknown:
-      raise ConfigError(f"unknown option {unknown[0]!r}")
-    if args.command == "to_maxtext":
-      if rest:
-        raise ConfigError(f"to_maxtext takes no config arguments, got {rest[0]!r}")
-      summary = to_maxtext(args.hf_path, args.output_path, args.family, args.weight_dtype)
-      if summary["ignored"]:
-        print(f"ignored {len(summary['ignored'])} tensors no parameter reads: {', '.join(summary['ignored'][:5])}"
-              f"{' ...' if len(summary['ignored']) > 5 else ''}", file=sys.stderr)
-      print(f"{summary['family']}: {summary['parameters']:,} parameters from {summary['tensors_read']} tensors in "
-            f"{summary['seconds']:.1f} s -> {summary['config']}")
-    elif args.command == "to_hf":
-      summary = to_hf(rest, args.output_path, args.dtype, args.max_shard_size)
-      print(f"{summary['family']}: {summary['tensors']} tensors from {summary['source']} in {summary['seconds']:.1f} s "
-            f"-> {args.output_path}" + (f" (+ {', '.join(summary['tokenizer_files'])})" if summary['tokenizer_files'] else ""))
-    else:
-      worst = check(rest, args.tokens, args.golden_logits, args.hf_path, args.atol, args.save_logits,
-                    args.trust_remote_code)
-      return 0 if worst <= args.atol else 1
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if unknown:
+    raise ConfigError(f"unknown option {unknown[0]!r}")
+  if args.command == "to_maxtext":
+    if rest:
+      raise ConfigError(f"to_maxtext takes no config arguments, got {rest[0]!r}")
+    summary = to_maxtext(args.hf_path, args.output_path, args.family, args.weight_dtype)
+    if summary["ignored"]:
+      print(f"ignored {len(summary['ignored'])} tensors no parameter reads: {', '.join(summary['ignored'][:5])}"
+            f"{' ...' if len(summary['ignored']) > 5 else ''}", file=sys.stderr)
+    print(f"{summary['family']}: {summary['parameters']:,} parameters from {summary['tensors_read']} tensors in "
+          f"{summary['seconds']:.1f} s -> {summary['config']}")
+  elif args.command == "to_hf":
+    summary = to_hf(rest, args.output_path, args.dtype, args.max_shard_size)
+    extra = f" (+ {', '.join(summary['tokenizer_files'])})" if summary["tokenizer_files"] else ""
+    print(f"{summary['family']}: {summary['tensors']} tensors from {summary['source']} in {summary['seconds']:.1f} s "
+          f"-> {args.output_path}{extra}")
+  else:
+    worst = check(rest, args.tokens, args.golden_logits, args.hf_path, args.atol, args.save_logits,
+                  args.trust_remote_code)
+    return 0 if worst <= args.atol else 1
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

@@ -1,4 +1,4 @@
-"""Generate text from a trained run: a prefill of the prompts, then one token at a time from the KV cache.
+r"""Generate text from a trained run: a prefill of the prompts, then one token at a time from the KV cache.
 
   python MaxText/decode.py MaxText/configs/base_v2.yml run_name=R prompt="def fib(n):"
   python MaxText/decode.py MaxText/configs/base_v2.yml run_name=R prompt="import " \
@@ -25,19 +25,26 @@ import functools
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 if __package__ in (None, ""):  # `python MaxText/decode.py` puts MaxText/ itself on the path, not the repo
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from MaxText import startup  # noqa: E402
-from MaxText.errors import ConfigError  # noqa: E402
-from MaxText.inference import sampling  # noqa: E402
-from MaxText.input_pipeline.tokenizer import EOS_ID  # noqa: E402
+from MaxText import (
+  input_pipeline,
+  startup,
+)
+from MaxText.checkpoint import checkpointing
+from MaxText.errors import ConfigError
+from MaxText.inference import sampling
+from MaxText.input_pipeline.tokenizer import EOS_ID
+from MaxText.parallel import sharding
+from MaxText.training import train_state
 
 
 class Generator:
@@ -52,8 +59,6 @@ class Generator:
   """
 
   def __init__(self, config, spec=None, *, batch: int, valid_vocab: int | None = None):
-    from MaxText.training import train_state  # noqa: PLC0415
-
     self.config, self.batch = config, batch
     self.spec = spec if spec is not None else train_state.model_spec(config)
     self.prefill_length = config.max_prefill_predict_length
@@ -66,8 +71,6 @@ class Generator:
     self._loop = jax.jit(self._loop_fn, donate_argnums=1)
 
   def _model(self, params):
-    from MaxText.training import train_state  # noqa: PLC0415
-
     return train_state.bind(self.spec, params)
 
   def _next_token(self, state, logits_BV):
@@ -179,9 +182,6 @@ def generate(config, params, prompts: Sequence[Sequence[int]], *, seed: int | No
 def load_params(config, spec, mesh) -> tuple[Any, str]:
   """(parameters, where from): the run's latest checkpoint, else load_parameters_path; placed by the
   parameters' logical shardings on `mesh`."""
-  from MaxText.checkpoint import checkpointing  # noqa: PLC0415
-  from MaxText.training import train_state  # noqa: PLC0415
-
   shardings = train_state.param_shardings(spec, mesh, config.logical_axis_rules)
   params, _, source = checkpointing.run_parameters(config, train_state.with_shardings(spec.shapes, shardings),
                                                    "decoding", say=lambda text: print(text, file=sys.stderr))
@@ -190,10 +190,6 @@ def load_params(config, spec, mesh) -> tuple[Any, str]:
 
 def decode_prompt(config) -> dict[str, Any]:
   """Load the run's parameters and tokenizer, continue `config.prompt`; returns the text and statistics."""
-  from MaxText import input_pipeline  # noqa: PLC0415
-  from MaxText.parallel import sharding  # noqa: PLC0415
-  from MaxText.training import train_state  # noqa: PLC0415
-
   tokenizer = input_pipeline.get_tokenizer(config)
   bos = [tokenizer.bos_id] if config.add_bos and tokenizer.bos_id is not None else []  # T5's tokenizer has none
   ids = bos + tokenizer.encode(config.prompt)
@@ -210,17 +206,10 @@ def decode_prompt(config) -> dict[str, Any]:
           "prompt_tokens": len(ids), "seconds": seconds, "checkpoint": source}
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  if "--help" in argv[1:] or "-h" in argv[1:]:
-    print(__doc__)
-    return 0
-  try:
-    config = startup.load_config(argv, for_run=True)
-    result = decode_prompt(config)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+@startup.cli(usage=__doc__)
+def main(argv: list[str]) -> int:
+  config = startup.load_config(argv, for_run=True)
+  result = decode_prompt(config)
   if jax.process_index() != 0:  # every process decodes the same prompt; one prints it
     return 0
   print(result["full_text"], flush=True)

@@ -16,27 +16,19 @@ import sys
 if __package__ in (None, ""):  # `python MaxText/eval.py` puts MaxText/ itself on the path, not the repo
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from MaxText import startup  # noqa: E402
-from MaxText.errors import ConfigError  # noqa: E402
+from MaxText import startup
+from MaxText.errors import ConfigError
+from MaxText.training.evaluation import evaluate_checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  if "--help" in argv[1:] or "-h" in argv[1:]:
-    print(__doc__)
-    return 0
+@startup.cli(usage=__doc__)
+def main(argv: list[str]) -> int:
   if not any(arg.split("=", 1)[0].removeprefix("--") == "mode" for arg in argv[1:]):
     argv.append("mode=validation")
-  try:
-    config = startup.load_config(argv, for_run=True)
-    if config.mode == "train":
-      raise ConfigError("config key 'mode' must be validation or test for eval.py")
-    from MaxText import train  # noqa: PLC0415
-
-    train.evaluate_checkpoint(config)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config = startup.load_config(argv, for_run=True)
+  if config.mode == "train":
+    raise ConfigError("config key 'mode' must be validation or test for eval.py")
+  evaluate_checkpoint(config)
   return 0
 
 

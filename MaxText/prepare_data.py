@@ -1,4 +1,4 @@
-"""Text files -> tokenizer + TFRecord shards of pre-tokenized documents.
+r"""Text files -> tokenizer + TFRecord shards of pre-tokenized documents.
 
   python MaxText/prepare_data.py --input ~/src/project --output_dir data/project [--vocab_size 8192]
   python MaxText/prepare_data.py --input books/ --output_dir data/books --tokenizer hf [--tokenizer_path t5/]
@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if not __package__:  # run as a script: make `MaxText` importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MaxText.errors import DataError, PrepareError, StorageError  # noqa: E402
-from MaxText.input_pipeline.preparation import DEFAULT_EXTENSIONS, TOKENIZERS, prepare, train_vocab  # noqa: E402
-from MaxText.input_pipeline.tokenizer import Tokenizer  # noqa: E402
+from MaxText import startup
+from MaxText.errors import PrepareError
+from MaxText.input_pipeline.preparation import DEFAULT_EXTENSIONS, TOKENIZERS, prepare, train_vocab
+from MaxText.input_pipeline.tokenizer import Tokenizer
 
 
 def format_summary(summary: dict) -> str:
@@ -47,6 +48,7 @@ def format_summary(summary: dict) -> str:
   return "\n".join(lines)
 
 
+@startup.cli
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--input", required=True, help="folder, glob or comma-separated list of either")
@@ -74,25 +76,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   extensions = tuple(e if e.startswith(".") else f".{e}" for e in (x.strip() for x in args.extensions.split(",")) if e)
   split = dict(validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
                extensions=extensions, contiguous=args.contiguous, document_chars=args.document_chars)
-  try:
-    if args.vocab_only:
-      if args.tokenizer != "sentencepiece" or args.tokenizer_path:
-        raise PrepareError(f"--vocab_only trains a SentencePiece model: drop --tokenizer {args.tokenizer} and "
-                           f"--tokenizer_path")
-      path = train_vocab(args.input, args.output_dir, vocab_size=args.vocab_size, **split)
-      print(f"trained {path} ({Tokenizer(path).vocab_size} pieces)")
-      return 0
-    summary = prepare(args.input, args.output_dir, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
-                      num_shards=args.num_shards, tokenizer=args.tokenizer, **split)
-  except (PrepareError, DataError, StorageError) as e:
-    print(f"prepare_data: error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("prepare_data: interrupted; nothing was written", file=sys.stderr)
-    return 130
+  if args.vocab_only:
+    if args.tokenizer != "sentencepiece" or args.tokenizer_path:
+      raise PrepareError(f"--vocab_only trains a SentencePiece model: drop --tokenizer {args.tokenizer} and "
+                         f"--tokenizer_path")
+    path = train_vocab(args.input, args.output_dir, vocab_size=args.vocab_size, **split)
+    print(f"trained {path} ({Tokenizer(path).vocab_size} pieces)")
+    return 0
+  summary = prepare(args.input, args.output_dir, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
+                    num_shards=args.num_shards, tokenizer=args.tokenizer, **split)
   print(format_summary(summary))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

@@ -16,13 +16,14 @@ A registry whose entries live in several modules gets a `load` callable that imp
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from MaxText.errors import ConfigError
 
 T = TypeVar("T")
 
-_ALL: dict[str, "Registry"] = {}
+_ALL: dict[str, Registry] = {}
 
 
 class Registry(Generic[T]):

@@ -1,15 +1,15 @@
-"""Compile the real train step for a TPU slice on this host (no TPU needed) and report its memory per chip.
+r"""Compile the real train step for a TPU slice on this host (no TPU needed) and report its memory per chip.
 
   python MaxText/train_compile.py MaxText/configs/base_v2.yml model_name=MUDDLlama2Medium compile_topology=v5p-8
   python MaxText/train_compile.py MaxText/configs/base_v2.yml model_name=Llama2XL compile_topology=v5e-256 \
       compile_topology_num_slices=2 dcn_data_parallelism=2
 
-The mesh, model, optimizer and shardings are train.py's (`train.Run`) on the compile-only devices libtpu
-describes for `compile_topology`; the step is lowered with the abstract state and a global batch and
+The mesh, model, optimizer and shardings are the trainer's (`training.run.Run`) on the compile-only devices
+libtpu describes for `compile_topology`; the step is lowered with the abstract state and a global batch and
 compiled by the TPU compiler. It prints the memory each chip needs (arguments, outputs, temporaries,
 generated code, total against the chip's HBM) and the arrays that take the most of it. Exit code 0: it fits;
 1: it does not (one line on stderr says by how much); 2: a configuration error. `--json PATH` also writes
-the report as JSON (benchmarks/train_compile_table.py collects them).
+the report as JSON (benchmarks/aot_fit.py collects them).
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ import time
 if __package__ in (None, ""):  # `python MaxText/train_compile.py` puts MaxText/ itself on the path, not the repo
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from MaxText import startup  # noqa: E402
-from MaxText.errors import ConfigError  # noqa: E402
+import jax
+import jax.numpy as jnp
+
+from MaxText import errors, startup
+from MaxText.parallel import (
+  sharding,
+  sharding_report,
+)
+from MaxText.training import train_state, train_step
+from MaxText.training.run import Run
 
 # The TPU compiler's words when a program needs more HBM than a chip has.
-_OUT_OF_MEMORY = re.compile(r"resource_exhausted|ran out of memory|exceeds? (the )?(available )?hbm", re.I)
+_OUT_OF_MEMORY = re.compile(r"resource_exhausted|ran out of memory|exceeds? (the )?(available )?hbm", re.IGNORECASE)
 
 
 class DoesNotFit(Exception):
@@ -35,13 +43,7 @@ class DoesNotFit(Exception):
 
 
 def compile_step(run) -> tuple[object, float]:
-  """(the compiled train step of a train.Run, seconds to compile)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from MaxText.parallel import sharding  # noqa: PLC0415
-  from MaxText.training import train_state, train_step  # noqa: PLC0415
-
+  """(the compiled train step of a Run, seconds to compile)."""
   config = run.config
   state = train_state.with_shardings(run.abstract, run.shardings)
   rows = (config.global_batch_size_to_train_on, config.max_target_length)
@@ -49,8 +51,8 @@ def compile_step(run) -> tuple[object, float]:
   start = time.perf_counter()
   with sharding.use_mesh(run.mesh, run.rules):
     try:
-      compiled = run.train_step_fn().lower(state, batch).compile()
-    except Exception as e:  # noqa: BLE001 (the compiler's out-of-memory error has no class of its own)
+      compiled = run.compile_step(state, batch)
+    except Exception as e:
       message = " ".join(str(e).split())
       if _OUT_OF_MEMORY.search(message):
         raise DoesNotFit(message[:400]) from None
@@ -62,8 +64,6 @@ def report(run, tpu) -> dict:
   """Compile the train step of `run` (built on the compile-only devices of the slice `tpu`, times
   compile_topology_num_slices) and measure it; the dict says whether it fits. A compile that runs out of
   HBM is reported as not fitting, with the compiler's message."""
-  from MaxText.parallel import sharding_report  # noqa: PLC0415
-
   config, devices = run.config, run.mesh.devices.flat
   first = next(iter(devices))
   out = {"model_name": config.model_name, "topology": tpu.name, "num_slices": config.compile_topology_num_slices,
@@ -82,8 +82,6 @@ def report(run, tpu) -> dict:
 
 
 def format_report(r: dict) -> str:
-  from MaxText.parallel import sharding_report  # noqa: PLC0415
-
   gib = sharding_report.GiB
   slices = f" x {r['num_slices']} slices" if r["num_slices"] > 1 else ""
   compiled = f"; compiled in {r['compile_seconds']:.1f} s" if "compile_seconds" in r else ""
@@ -113,8 +111,8 @@ def verdict(r: dict) -> str:
   return f"{r['model_name']} does not fit {where}: needs {need:.2f} GiB per chip, has {have:.0f} GiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
+@startup.cli(usage=__doc__)
+def main(argv: list[str]) -> int:
   json_path, rest = None, argv[:1]
   args = iter(argv[1:])
   for arg in args:
@@ -125,21 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
       rest.append(arg)
   argv = rest
-  try:
-    config, tpu, devices = startup.load_topology_config(argv)
-    from MaxText import train  # noqa: PLC0415
-    from MaxText.parallel import sharding_report  # noqa: PLC0415
+  config, tpu, devices = startup.load_topology_config(argv)
 
-    run = train.Run(config, devices)
-    if config.print_sharding:
-      print(sharding_report.format_parameters(run.spec, run.abstract, run.shardings), flush=True)
-    r = report(run, tpu)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
+  run = Run(config, devices)
+  if config.print_sharding:
+    print(sharding_report.format_parameters(run.spec, run.abstract, run.shardings), flush=True)
+  r = report(run, tpu)
   print(format_report(r), flush=True)
   if json_path:
     with open(json_path, "w", encoding="utf-8") as f:
@@ -147,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
       f.write("\n")
   if not r["fits"]:
     print(f"error: {verdict(r)}", file=sys.stderr)
-    return 1
+    return errors.EXIT_CHECK_FAILED
   print(verdict(r))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

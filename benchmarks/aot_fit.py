@@ -7,7 +7,7 @@ by MaxText/train_compile.py, one process per preset, for its intended slice: Clo
 MUDDFormer paper trained on, and the smallest v5p slice whose HBM holds the train state comfortably:
 v5p-8 (4 chips) below 1B parameters, v5p-16 (8 chips) from 1B to 3B, v5p-64 (32 chips) above. The preset's
 own per_device_batch_size and sequence length are kept; the mesh is train.py's default (all fsdp).
-Prints a table (markdown, for the README) and writes benchmarks/results/aot_fit.json, merged with the rows
+Prints a table (markdown, for docs/results.md) and writes benchmarks/results/aot_fit.json, merged with the rows
 already there, so `--models` can redo a few rows. `--state_only` skips the compile (seconds for every
 preset): the train state per chip, from the abstract state and its shardings, without the activations.
 `--add REPORT.json` merges a report that `train_compile.py --json` wrote.
@@ -45,13 +45,13 @@ def intended_topology(num_params: int) -> str:
 def preset_sizes() -> dict[str, int]:
   """Parameters of every preset (abstract shapes only)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from MaxText import pyconfig  # noqa: PLC0415
+  from MaxText.config import loader  # noqa: PLC0415
   from MaxText.training import train_state  # noqa: PLC0415
 
   sizes = {}
   for path in sorted((ROOT / "MaxText" / "configs" / "models").glob("*.yml")):
-    values = pyconfig.load([None, str(pyconfig.BASE_CONFIG)], env={}, model_name=path.stem)
-    sizes[path.stem] = train_state.model_spec(pyconfig.derive(values, 1, 1)).num_params
+    values = loader.load([None, str(loader.BASE_CONFIG)], env={}, model_name=path.stem)
+    sizes[path.stem] = train_state.model_spec(loader.derive(values, 1, 1)).num_params
   return sizes
 
 
@@ -76,12 +76,13 @@ def compile_preset(model: str, topology: str, overrides: list[str], timeout: flo
 
 def state_report(model: str, topology: str, overrides: list[str]) -> dict:
   """The train state per chip (abstract: nothing compiled or allocated), as train_compile.py reports it."""
-  from MaxText import startup, train  # noqa: PLC0415
+  from MaxText import startup  # noqa: PLC0415
   from MaxText.parallel import sharding_report  # noqa: PLC0415
+  from MaxText.training.run import Run  # noqa: PLC0415
 
   config, tpu, devices = startup.load_topology_config(
       [None, "MaxText/configs/base_v2.yml", f"model_name={model}", f"compile_topology={topology}", *overrides])
-  run = train.Run(config, devices)
+  run = Run(config, devices)
   return {"model_name": model, "topology": tpu.name, "num_slices": config.compile_topology_num_slices,
           "chips": run.mesh.size, "hbm_bytes_per_chip": tpu.hbm_bytes, "mesh": dict(run.mesh.shape),
           "num_params": run.spec.num_params, "global_batch": config.global_batch_size_to_train_on,

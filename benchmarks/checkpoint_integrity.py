@@ -2,7 +2,7 @@
 
   python benchmarks/checkpoint_integrity.py [--model Llama2Small] [--steps 36] [--every 3] [key=value ...]
 
-The trainer's own pieces (train.Run, the jitted donated train step, checkpointing.Checkpointer with
+The trainer's own pieces (Run.compile_step, the jitted donated train step, checkpointing.Checkpointer with
 asynchronous saves) run one loop: every `--every`-th step saves, alternately with checksums (as the
 trainer does) and without (the checksum call replaced by an empty record), and the other steps do not
 save. A step's time is one loop iteration as the trainer's loop spends it: dispatch the step, start the
@@ -26,30 +26,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from MaxText import pyconfig, startup, train  # noqa: E402
-from MaxText.checkpoint import checkpointing, integrity  # noqa: E402
-from MaxText.parallel import sharding  # noqa: E402
-from MaxText.training import train_state, train_step  # noqa: E402
+from MaxText import startup
+from MaxText.checkpoint import checkpointing, integrity
+from MaxText.config import loader
+from MaxText.parallel import sharding
+from MaxText.training.run import Run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_integrity.json"
 
 
 def measure(model: str, steps: int, every: int, overrides: list[str], folder: str) -> dict:
-  config = startup.load_config([None, str(pyconfig.BASE_CONFIG), f"model_name={model}", "num_devices=1",
+  config = startup.load_config([None, str(loader.BASE_CONFIG), f"model_name={model}", "num_devices=1",
                                 "ici_fsdp_parallelism=1", "dataset_type=synthetic", *overrides], env={})
-  run = train.Run(config)
+  run = Run(config)
   real_checksums = integrity.checksums
   kinds, times, checksum_s = [], [], []
   with sharding.use_mesh(run.mesh, run.rules):
-    state = train_state.create_sharded(config, run.spec, run.tx, run.shardings)
+    state = run.init_state()
     data = run.data(config.train_split)
-    batches = [train._global_batch(next(data), run.batch_sharding) for _ in range(4)]  # noqa: SLF001
-    step_fn = jax.jit(train_step.make_train_step(config, run.spec, run.tx, run.schedule),
-                      in_shardings=(run.shardings, run.batch_sharding), out_shardings=(run.shardings, None),
-                      donate_argnums=(0,)).lower(state, batches[0]).compile()
+    batches = [run.global_batch(next(data)) for _ in range(4)]
+    step_fn = run.compile_step(state, batches[0])
     checkpointer = checkpointing.Checkpointer(folder, period=1, keep=2, use_async=True)
     warmup = 3
     saves = 0
@@ -98,10 +97,10 @@ def measure(model: str, steps: int, every: int, overrides: list[str], folder: st
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="Llama2Small")
-  parser.add_argument("--steps", type=int, default=36, help="timed steps (after 3 warm-up steps)")
-  parser.add_argument("--every", type=int, default=3, help="every this many steps saves")
   parser.add_argument("overrides", nargs="*", help="config key=value")
+  parser.add_argument("--model", default="Llama2Small")
+  parser.add_argument("--every", type=int, default=3, help="every this many steps saves")
+  parser.add_argument("--steps", type=int, default=36, help="timed steps (after 3 warm-up steps)")
   args = parser.parse_args()
   folder = tempfile.mkdtemp(prefix="checkpoint-integrity-")
   try:

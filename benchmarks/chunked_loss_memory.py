@@ -4,7 +4,7 @@
 
 A narrow, shallow Llama (width 256, 2 layers) with vocab_size=131072, so the output side dominates: at
 batch 2 x 1024 the whole float32 logits are 2048 x 131072 x 4 B = 1 GiB, and the backward pass holds their
-gradient too. For each tiling the trainer's own step (train.Run + train_step, jitted, state donated) is
+gradient too. For each tiling the trainer's own step (Run.compile_step: jitted, state donated) is
 compiled and XLA's memory analysis read (arguments + outputs + temporaries - donated aliases); then, unless
 --no-measure, each tiling runs 3 steps in a fresh process and reports its peak resident memory
 (ru_maxrss, which includes the JAX runtime and the compiler) and the median step time of the last 2 steps.
@@ -34,28 +34,24 @@ MiB = 2**20
 
 
 def load(tiles: int, overrides: list[str]):
-  from MaxText import pyconfig, startup  # noqa: PLC0415
+  from MaxText import startup  # noqa: PLC0415
+  from MaxText.config import loader  # noqa: PLC0415
 
-  return startup.load_config([None, str(pyconfig.BASE_CONFIG), *MODEL, f"num_vocab_tiling={tiles}", *overrides],
+  return startup.load_config([None, str(loader.BASE_CONFIG), *MODEL, f"num_vocab_tiling={tiles}", *overrides],
                              env={})
 
 
 def compile_step(config):
   """(the compiled, donated train step, a state, a batch) of the config's run."""
-  import jax  # noqa: PLC0415
 
-  from MaxText import train  # noqa: PLC0415
   from MaxText.parallel import sharding  # noqa: PLC0415
-  from MaxText.training import train_state, train_step  # noqa: PLC0415
+  from MaxText.training.run import Run  # noqa: PLC0415
 
-  run = train.Run(config)
+  run = Run(config)
   with sharding.use_mesh(run.mesh, run.rules):
-    state = train_state.create_sharded(config, run.spec, run.tx, run.shardings)
-    batch = train._global_batch(next(run.data(config.train_split)), run.batch_sharding)  # noqa: SLF001
-    step = jax.jit(train_step.make_train_step(config, run.spec, run.tx, run.schedule),
-                   in_shardings=(run.shardings, run.batch_sharding), out_shardings=(run.shardings, None),
-                   donate_argnums=(0,))
-    return step.lower(state, batch).compile(), state, batch
+    state = run.init_state()
+    batch = run.global_batch(next(run.data(config.train_split)))
+    return run.compile_step(state, batch), state, batch
 
 
 def analysis(tiles: int, overrides: list[str]) -> dict:

@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from MaxText.checkpoint import tensor_files  # noqa: E402
+from MaxText.checkpoint import tensor_files
 
 RESULTS = ROOT / "benchmarks" / "results" / "convert_memory.json"
 LIMIT = 1.5

@@ -27,10 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
+import jax
 
-from MaxText import decode, pyconfig, startup  # noqa: E402
-from MaxText.training import train_state  # noqa: E402
+from MaxText import decode, startup
+from MaxText.config import loader
+from MaxText.training import train_state
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_throughput.json"
 PROMPT_LENGTH = 32
@@ -39,7 +40,7 @@ EARLY, LATE, STEPS = 64, 1024, 32
 
 def make(model_name: str, prefill: int, new_tokens: int, length: int):
   config = startup.load_config(
-      [None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}"], env={}, num_devices=1,
+      [None, str(loader.BASE_CONFIG), f"model_name={model_name}"], env={}, num_devices=1,
       per_device_batch_size=1.0, dataset_type="synthetic", dtype="float32", weight_dtype="float32",
       max_prefill_predict_length=prefill, max_decode_length=new_tokens, decode_sampling_strategy="greedy",
       max_target_length=length)  # a learned position table must cover the longest cache
@@ -93,7 +94,7 @@ def position_scaling(model_name: str) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  tiny = [name for name in pyconfig.preset_names() if name.endswith("Tiny")]
+  tiny = [name for name in loader.preset_names() if name.endswith("Tiny")]
   parser.add_argument("--models", default=",".join(tiny))
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)

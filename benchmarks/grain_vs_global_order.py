@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from MaxText.input_pipeline import default_corpus, token_store  # noqa: E402
-from MaxText.input_pipeline.global_order import GlobalIterator  # noqa: E402
-from MaxText.input_pipeline.rows import Rows  # noqa: E402
+from MaxText.input_pipeline import default_corpus, token_store
+from MaxText.input_pipeline.global_order import GlobalIterator
+from MaxText.input_pipeline.rows import Rows
 
 L = 256
 

@@ -62,9 +62,10 @@ class AnonPeak:
 
 def config_for(source: dict, work: Path, *, batch: int, length: int, shuffle: str = "global",
                stores: str = "cache"):
-  from MaxText import pyconfig, startup  # noqa: PLC0415
+  from MaxText import startup  # noqa: PLC0415
+  from MaxText.config import loader  # noqa: PLC0415
 
-  return startup.load_config([None, str(pyconfig.BASE_CONFIG)], env={}, num_devices=1, per_device_batch_size=batch,
+  return startup.load_config([None, str(loader.BASE_CONFIG)], env={}, num_devices=1, per_device_batch_size=batch,
                              max_target_length=length, data_shuffle=shuffle, dataset_cache_dir=str(work / stores),
                              **source)
 
@@ -97,8 +98,7 @@ def prepare_sources(work: Path) -> dict[str, dict]:
     files = sorted(p for p in default_corpus.stdlib_dir().rglob("*.py")
                    if not any(d in p.parts for d in ("site-packages", "dist-packages", "__pycache__")))
     with open(jsonl / "train.jsonl", "w") as f:
-      for p in files:
-        f.write(json.dumps({"text": p.read_text(encoding="utf-8", errors="replace")}) + "\n")
+      f.writelines(json.dumps({"text": p.read_text(encoding="utf-8", errors="replace")}) + "\n" for p in files)
     (jsonl / "done").write_text("")
   sources["hf"] = dict(dataset_type="hf", hf_path=str(jsonl / "train.jsonl"), tokenizer_path=str(corpus / "tokenizer.model"))
   big = work / "tfrecord_x10"
@@ -137,7 +137,7 @@ def memory_child(source_json: str, work: str, phase: str) -> dict:
   with AnonPeak() as reading:
     for _ in range(200):
       next(data)
-  store = data._rows.store  # noqa: SLF001 (the benchmark reports what the store holds)
+  store = data._rows.store
   return {"baseline_mib": base / 1024, "opened_mib": opened / 1024, "peak_mib": reading.peak / 1024,
           "file_pages_mib": status_kib("RssFile") / 1024, "tokens": store.num_tokens,
           "documents": store.num_documents, "store_mib": sum(f.stat().st_size for f in store.folder.iterdir()) / 2**20}

@@ -23,29 +23,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from MaxText import pyconfig, startup, train  # noqa: E402
-from MaxText.parallel import sharding  # noqa: E402
-from MaxText.training import train_state, train_step  # noqa: E402
+from MaxText import startup
+from MaxText.config import loader
+from MaxText.parallel import sharding
+from MaxText.training.run import Run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mudd_throughput.json"
 
 
 def build(model_name: str, overrides: list[str]):
   """(config, compiled step, state, batch) for one model on one device."""
-  config = startup.load_config([None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
+  config = startup.load_config([None, str(loader.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
                                 "ici_fsdp_parallelism=1", "enable_checkpointing=false", *overrides], env={})
-  run = train.Run(config)
+  run = Run(config)
   with sharding.use_mesh(run.mesh, run.rules):
-    state = train_state.create_sharded(config, run.spec, run.tx, run.shardings)
-    batch = train._global_batch(next(run.data(config.train_split)), run.batch_sharding)  # noqa: SLF001
-    step = jax.jit(train_step.make_train_step(config, run.spec, run.tx, run.schedule),
-                   in_shardings=(run.shardings, run.batch_sharding), out_shardings=(run.shardings, None),
-                   donate_argnums=(0,))
+    state = run.init_state()
+    batch = run.global_batch(next(run.data(config.train_split)))
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = run.compile_step(state, batch)
     compile_s = time.perf_counter() - start
   return {"config": config, "step": compiled, "state": state, "batch": batch, "compile_s": compile_s,
           "params": run.spec.num_params, "times": []}

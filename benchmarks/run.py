@@ -66,11 +66,7 @@ PRESETS = {
 def byte_corpus(cache: Path) -> Path:
   """A byte-level dataset of a few standard-library modules (the nanoGPT case needs byte data; what the
   text says does not matter for speed)."""
-
-  from MaxText.input_pipeline import (
-    default_corpus,  # noqa: PLC0415
-    preparation,  # noqa: PLC0415
-  )
+  from MaxText.input_pipeline import default_corpus, preparation  # noqa: PLC0415 (after the argument parsing)
 
   out = cache / "stdlib_bytes"
   if not (out / preparation.INFO_FILE).is_file():
@@ -125,9 +121,10 @@ def run_case(name: str, args: list[str], *, window: int, windows: int, workdir: 
 
 
 def _config(run_args: list[str]):
-  from MaxText import pyconfig, startup  # noqa: PLC0415
+  from MaxText import startup  # noqa: PLC0415
+  from MaxText.config import loader  # noqa: PLC0415
 
-  return startup.load_config([None, str(pyconfig.BASE_CONFIG), *run_args], env={}, num_devices=1)
+  return startup.load_config([None, str(loader.BASE_CONFIG), *run_args], env={}, num_devices=1)
 
 
 def main() -> int:

@@ -41,7 +41,8 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  from MaxText import pyconfig, startup, train  # noqa: PLC0415
+  from MaxText import startup, train  # noqa: PLC0415
+  from MaxText.config import loader  # noqa: PLC0415
   from MaxText.input_pipeline import preparation  # noqa: PLC0415
 
   out = Path(args.out)
@@ -52,7 +53,7 @@ def main() -> int:
   rows = []
   for name in args.runs.split(","):
     config = startup.load_config(
-        [None, str(pyconfig.BASE_CONFIG)], env={},
+        [None, str(loader.BASE_CONFIG)], env={},
         **{**NANOGPT, "dataset_path": str(data), "steps": args.steps, "eval_interval": args.steps,
            "log_period": max(1, args.steps // 20), "base_output_directory": str(out / "runs"),
            "run_name": f"{name}_seed{args.seed}", "dataset_cache_dir": str(out / "cache"),

@@ -2,7 +2,7 @@
 
   python benchmarks/train_throughput.py [--models Llama2Tiny,Llama2Small] [--steps 10] [key=value ...]
 
-The step is the trainer's own (train.Run + train_step, jitted and donated) on batches from the real input
+The step is the trainer's own (Run.compile_step: jitted and donated) on batches from the real input
 pipeline (the embedded default corpus unless dataset_path= is given). MFU's denominator is the float32
 matmul peak measured in this same run (a 2048^3 jitted matmul, median of 5; the larger of two
 measurements, before and after the models, so MFU is not flattered by a slow moment). The input
@@ -23,13 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from MaxText import input_pipeline, pyconfig, startup, train  # noqa: E402
-from MaxText.observe import metrics  # noqa: E402
-from MaxText.parallel import sharding  # noqa: E402
-from MaxText.training import train_state, train_step  # noqa: E402
+from MaxText import input_pipeline, models, startup
+from MaxText.config import loader
+from MaxText.observe import metrics
+from MaxText.parallel import sharding
+from MaxText.training.run import Run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 
@@ -46,21 +47,18 @@ def pipeline_rate(config, seconds: float = 5.0) -> float:
 
 
 def measure(model_name: str, steps: int, overrides: list[str]) -> dict:
-  config = startup.load_config([None, str(pyconfig.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
+  config = startup.load_config([None, str(loader.BASE_CONFIG), f"model_name={model_name}", "num_devices=1",
                                 "ici_fsdp_parallelism=1", *overrides], env={})
-  run = train.Run(config)
-  family = train._family(config)  # noqa: SLF001 (the registry lookup train.py itself uses)
+  run = Run(config)
+  family = models.get_family(config.decoder_block)
   flops_per_token = family.flops_per_token(config)
   tokens_per_step = config.global_batch_size_to_train_on * config.max_target_length
   with sharding.use_mesh(run.mesh, run.rules):
-    state = train_state.create_sharded(config, run.spec, run.tx, run.shardings)
+    state = run.init_state()
     data = run.data(config.train_split)
-    batches = [train._global_batch(next(data), run.batch_sharding) for _ in range(4)]  # noqa: SLF001
-    step = jax.jit(train_step.make_train_step(config, run.spec, run.tx, run.schedule),
-                   in_shardings=(run.shardings, run.batch_sharding), out_shardings=(run.shardings, None),
-                   donate_argnums=(0,))
+    batches = [run.global_batch(next(data)) for _ in range(4)]
     start = time.perf_counter()
-    compiled = step.lower(state, batches[0]).compile()
+    compiled = run.compile_step(state, batches[0])
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     peak_bytes = None

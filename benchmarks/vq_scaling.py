@@ -25,12 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from MaxText import pyconfig, startup  # noqa: E402
-from MaxText.parallel import sharding  # noqa: E402
-from MaxText.training import optimizers, train_state, train_step  # noqa: E402
+from MaxText import startup
+from MaxText.config import loader
+from MaxText.parallel import sharding
+from MaxText.training.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "vq_scaling.json"
@@ -46,23 +47,19 @@ MODELS = {
 
 
 def measure(name: str, length: int, steps: int) -> dict:
-  config = startup.load_config([None, str(pyconfig.BASE_CONFIG)], env={}, max_target_length=length,
+  config = startup.load_config([None, str(loader.BASE_CONFIG)], env={}, max_target_length=length,
                                **COMMON, **MODELS[name])
-  spec = train_state.model_spec(config)
-  tx, schedule = optimizers.create(config, spec.roles)
-  mesh = sharding.make_mesh(config)
-  abstract = train_state.abstract_state(config, spec, tx)
-  shardings = train_state.state_shardings(spec, abstract, mesh, config.logical_axis_rules)
+  run = Run(config)
   rng = np.random.default_rng(length)
   tokens = rng.integers(4, config.vocab_size, (1, length + 1), dtype=np.int32)
   ones = np.ones((1, length), np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "inputs_segmentation": ones,
            "inputs_position": np.arange(length, dtype=np.int32)[None], "targets_segmentation": ones}
-  with sharding.use_mesh(mesh, config.logical_axis_rules):
-    state = train_state.create_sharded(config, spec, tx, shardings)
-    step = jax.jit(train_step.make_train_step(config, spec, tx, schedule), donate_argnums=(0,))
+  with sharding.use_mesh(run.mesh, run.rules):
+    state = run.init_state()
+    batch = run.global_batch(batch)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = run.compile_step(state, batch)
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     times = []
@@ -74,7 +71,7 @@ def measure(name: str, length: int, steps: int) -> dict:
         times.append(time.perf_counter() - begin)
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
           - memory.alias_size_in_bytes)
-  return {"model": name, "length": length, "params": spec.num_params, "step_s": float(np.median(times)),
+  return {"model": name, "length": length, "params": run.spec.num_params, "step_s": float(np.median(times)),
           "step_s_all": times, "compile_s": compile_s, "peak_mib": peak / 2**20,
           "temp_mib": memory.temp_size_in_bytes / 2**20, "loss": float(out["loss"])}
 

@@ -8,14 +8,15 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import atexit
+import shutil
+import tempfile
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-from MaxText import pyconfig, startup  # noqa: E402
+from MaxText import startup
+from MaxText.config import loader
 
 # Many tests compile identical programs (same tiny model, new closure); a per-session persistent cache
 # turns those recompiles into lookups. Fresh per session, so no state leaks between runs.
@@ -25,7 +26,7 @@ jax.config.update("jax_compilation_cache_dir", _cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-BASE = str(pyconfig.BASE_CONFIG)
+BASE = str(loader.BASE_CONFIG)
 
 # A model small enough that a jitted step takes milliseconds, with GQA so both attention paths run.
 TINY = dict(

@@ -39,11 +39,11 @@ def initial_state(config):
   (the sharded init's compile costs more than a tiny model's train step)."""
   import jax  # noqa: PLC0415
 
-  from MaxText import train  # noqa: PLC0415
   from MaxText.parallel import sharding  # noqa: PLC0415
   from MaxText.training import train_state  # noqa: PLC0415
+  from MaxText.training.run import Run  # noqa: PLC0415
 
-  run = train.Run(config)
+  run = Run(config)
   with sharding.use_mesh(run.mesh, run.rules):
     return jax.device_get(train_state.create_sharded(config, run.spec, run.tx, run.shardings))
 
@@ -55,11 +55,12 @@ def run_steps(config, start: int, stop: int, *, state=None, restore_dir: str | N
   saved to `save_dir`. Returns the losses, the mesh and the parameters' PartitionSpecs."""
   import jax  # noqa: PLC0415
 
-  from MaxText import train  # noqa: PLC0415
   from MaxText.checkpoint import checkpointing  # noqa: PLC0415
   from MaxText.parallel import sharding  # noqa: PLC0415
+  from MaxText.training import train_state  # noqa: PLC0415
+  from MaxText.training.run import Run  # noqa: PLC0415
 
-  run = train.Run(config)
+  run = Run(config)
   rows = config.global_batch_size_to_train_on // run.process_count
   mine = slice(run.process_index * rows, (run.process_index + 1) * rows)
   losses = []
@@ -80,20 +81,20 @@ def run_steps(config, start: int, stop: int, *, state=None, restore_dir: str | N
     if restore_dir:
       source = checkpointer(restore_dir)
       try:
-        state, step = run.restore_or_init(source, None)
+        state, _, _, step = source.restore_latest(train_state.with_shardings(run.abstract, run.shardings), print)
       finally:
         source.close()
       assert step == start, f"checkpoint at step {step}, expected {start}"
     elif state is not None:
       state = jax.device_put(state, run.shardings)
     else:
-      state, _ = run.restore_or_init(None, None)
+      state = run.init_state()
     if save_dir and save_step == start:
       save(start, state)
     step_fn = run.train_step_fn()
     for step in range(start + 1, stop + 1):
       local = {k: v[mine] for k, v in global_batch(config, step).items()}
-      state, metrics = step_fn(state, train._global_batch(local, run.batch_sharding))
+      state, metrics = step_fn(state, run.global_batch(local))
       losses.append(float(jax.device_get(metrics["loss"])))
       if save_dir and step == save_step:
         save(step, state)

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import train
 from MaxText.errors import ConfigError
 from MaxText.models import attention, attention_cudnn, attention_splash
 from MaxText.parallel import sharding
 from MaxText.training import train_state, train_step
+from MaxText.training.run import Run
 from tests.conftest import TINY
 
 
@@ -57,7 +57,7 @@ def test_cudnn_flash_masking_equals_the_plain_kernel_in_bfloat16():
   q, k, v, mask = packed_batch(B=2, L=64, H=4, K=2, E=16)
   scale = 16**-0.5
   want = loss_and_grads(attention.dot_product, q, k, v, mask, scale)  # float32 reference
-  xla = lambda *a, **kw: attention_cudnn.fused(*a, **kw, implementation="xla")  # noqa: E731
+  xla = lambda *a, **kw: attention_cudnn.fused(*a, **kw, implementation="xla")
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   got = loss_and_grads(xla, *bf16, mask, scale)
   assert_close(got[1], want[1], 2e-2)
@@ -94,13 +94,13 @@ def test_splash_equals_the_plain_kernel(make_config, mesh_shape, kv_heads):
 
 def one_train_step(config):
   """The run's own jitted train step, once, on its first batch of synthetic packed documents."""
-  run = train.Run(config)
+  run = Run(config)
   with sharding.use_mesh(run.mesh, run.rules):
     state = train_state.create_sharded(config, run.spec, run.tx, run.shardings)
     batch = next(run.data(config.train_split))
     assert len(np.unique(batch["inputs_segmentation"])) > 2, "the rows should hold several documents"
     step = jax.jit(train_step.make_train_step(config, run.spec, run.tx, run.schedule))
-    state, metrics = step(state, train._global_batch(batch, run.batch_sharding))
+    state, metrics = step(state, run.global_batch(batch))
   return jax.device_get(metrics), jax.device_get(state["params"])
 
 

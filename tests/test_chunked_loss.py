@@ -71,7 +71,7 @@ def test_chunked_gradient_never_holds_the_whole_logits(make_config):
   V, C = whole.vocab_size, L // 4
 
   def program(config):
-    fn = lambda p: train_step.loss_sums(train_state.bind(spec, p), batch, 0.0, config.num_vocab_tiling)[0]  # noqa: E731
+    fn = lambda p: train_step.loss_sums(train_state.bind(spec, p), batch, 0.0, config.num_vocab_tiling)[0]
     return str(jax.make_jaxpr(jax.grad(fn))(params))
 
   assert f"f32[{B},{L},{V}]" in program(whole)

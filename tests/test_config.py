@@ -1,17 +1,22 @@
 """Config parsing: layering, types, derived values and every error path."""
 
-import dataclasses
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
-from MaxText import pyconfig, startup
+from MaxText import startup
+from MaxText.config import keys, loader, render, schema
+from MaxText.errors import ConfigError
 from tests.conftest import BASE
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "data" / "configs_before_schema"
 
 
 def init(*args, env=None, **kwargs):
@@ -52,7 +57,7 @@ def test_precedence_base_preset_env_cli(tmp_path):
 def test_keyword_overrides_and_frozen():
   c = init(steps=5)
   assert c.steps == 5
-  with pytest.raises(dataclasses.FrozenInstanceError):
+  with pytest.raises(pydantic.ValidationError, match="frozen"):
     c.steps = 6
 
 
@@ -73,18 +78,19 @@ def test_keyword_overrides_and_frozen():
     (["warmup_steps_fraction=2"], {}, {}, "'warmup_steps_fraction' must lie in [0, 1]"),
     (["decoder_block=resnet"], {}, {}, "unknown decoder_block 'resnet'; registered model families: gpt, llama2, mudd, transformer_vq"),
     (["per_device_batch_size=0.3", "num_devices=2"], {}, {}, "is not a whole number of sequences"),
-    (["global_batch_size_to_train_on=4"], {}, {}, "unknown config key 'global_batch_size_to_train_on'"),
+    (["global_batch_size_to_train_on=4"], {}, {}, "config key 'global_batch_size_to_train_on' is derived"),
     (["steps"], {}, {}, "argument 'steps' is not key=value"),
     (["steps=1", "steps=2"], {}, {}, "config key 'steps' is given twice"),
     ([], {}, {"M_STEPZ": "3"}, "unknown config key 'stepz' from environment variable M_STEPZ"),
     ([], {"global_batch_size_to_train_on": 3}, {}, "is derived and cannot be set"),
+    (["run_dir=/tmp/x"], {}, {}, "config key 'run_dir' is derived and cannot be set (on the command line)"),
     (["logical_axis_rules=[[embed, pipeline]]"], {}, {}, "maps 'embed' to 'pipeline', which is not in mesh_axes"),
     (["alibi=true"], {}, {}, "config key 'alibi'=True applies to decoder_block 'gpt' only"),
     (["model_name=GPTTiny", "mudd_streams=q,r"], {}, {}, "config key 'mudd_streams'='q,r' applies to decoder_block 'mudd'"),
     (["model_name=MUDDLlama2Tiny", "vq_num_codes=8"], {}, {}, "'vq_num_codes'=8 applies to decoder_block 'transformer_vq'"),
 ])
 def test_errors_are_one_line_and_name_the_key(args, kwargs, env, fragment):
-  with pytest.raises(pyconfig.ConfigError) as e:
+  with pytest.raises(ConfigError) as e:
     init(*args, env=env, **kwargs)
   message = str(e.value)
   assert fragment in message, message
@@ -93,28 +99,108 @@ def test_errors_are_one_line_and_name_the_key(args, kwargs, env, fragment):
 
 def test_bad_yaml_files(tmp_path):
   missing = tmp_path / "nope.yml"
-  with pytest.raises(pyconfig.ConfigError, match="cannot read config file"):
+  with pytest.raises(ConfigError, match="cannot read config file"):
     startup.load_config([None, str(missing)], env={})
   broken = tmp_path / "broken.yml"
   broken.write_text("steps: [1,\n")
-  with pytest.raises(pyconfig.ConfigError, match="is not valid YAML"):
+  with pytest.raises(ConfigError, match="is not valid YAML"):
     startup.load_config([None, str(broken)], env={})
   unknown = tmp_path / "unknown.yml"
   unknown.write_text("stpes: 3\n")
-  with pytest.raises(pyconfig.ConfigError, match="unknown config key 'stpes' in config file"):
+  with pytest.raises(ConfigError, match="unknown config key 'stpes' in config file"):
     startup.load_config([None, str(unknown)], env={})
 
 
-def test_every_base_key_is_documented_and_typed():
-  docs = {key for _, key, comment in pyconfig.key_docs() if comment}
-  base = yaml.safe_load(pyconfig.BASE_CONFIG.read_text())
-  assert set(base) == docs, "every key of base_v2.yml carries a one-line comment"
-  assert all(v is not None for v in base.values()), "a null default would leave the key untyped"
+def test_every_key_is_declared_once_with_a_type_a_default_and_a_doc():
+  fields = schema.fields()
+  assert len(fields) > 140
+  for name, field in fields.items():
+    assert field.description and "\n" not in field.description, name
+    assert field.default is not None, f"{name}: a null default would leave the key untyped"
+  declared = [n for group in schema.groups() for n in group.model_fields if group.model_fields[n] is not None]
+  owners = {n: [g.__name__ for g in schema.groups() if n in g.__dict__.get("__annotations__", {})]
+            for n in declared}
+  assert all(len(o) == 1 for o in owners.values()), {n: o for n, o in owners.items() if len(o) != 1}
 
 
-@pytest.mark.parametrize("name", pyconfig.preset_names())
+def test_base_v2_yml_is_the_rendered_schema():
+  """configs/base_v2.yml shows every key; it is rendered from the declarations (python -m MaxText.config.render
+  --yaml), so the two cannot drift."""
+  assert loader.BASE_CONFIG.read_text() == render.base_yaml()
+  assert yaml.safe_load(loader.BASE_CONFIG.read_text()) == {k: render._thaw(v) for k, v in schema.defaults().items()}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in FIXTURES.glob("*.yml")))
+def test_a_config_written_before_the_schema_loads_to_the_same_resolved_config(name):
+  """config.yml files written by the trainer before the keys were declared in config/schema.py (tests/data/
+  configs_before_schema: the resolved config.yml and what the old loader made of it)."""
+  want = json.loads((FIXTURES / "resolved.json").read_text())[name]
+  got = startup.load_config([None, str(FIXTURES / f"{name}.yml")], env={}).to_dict()
+  assert got == want
+
+
+def test_help_lists_every_key_with_its_type_and_default():
+  text = render.help_text()
+  entries = {}  # key -> its whole entry (key=default, type, constraint and doc), joined over wrapped lines
+  for line in text.splitlines():
+    if m := re.match(r"^  ([a-z_0-9]+)=(.*)$", line):
+      entries[m.group(1)] = m.group(2)
+    elif line.startswith("    ") and entries:
+      entries[list(entries)[-1]] += " " + line.strip()
+  assert set(entries) == set(schema.settable_keys())
+  for name in schema.settable_keys():
+    field = schema.fields()[name]
+    assert f"({keys.type_name(field.annotation)}" in entries[name], (name, entries[name])
+  assert entries["steps"].startswith("300 ") and "(int, > 0) number of optimizer steps" in entries["steps"]
+  assert "(float, in [0, 1)) Adam first-moment decay" in entries["adam_b1"]
+
+
+# Twenty malformed values across the types, each one line naming the key (and where it came from).
+@pytest.mark.parametrize("arg, fragment", [
+    ("steps=1.5", "config key 'steps' expects an integer, got '1.5' (command line)"),
+    ("steps=[3]", "config key 'steps' expects an integer, got '[3]'"),
+    ("vocab_size=yes", "config key 'vocab_size' expects an integer, got 'true'"),
+    ("init_weights_seed=0x", "config key 'init_weights_seed' expects an integer, got '0x'"),
+    ("learning_rate=1e", "config key 'learning_rate' expects a number, got '1e'"),
+    ("output_logits_multiplier=.nan", "config key 'output_logits_multiplier' expects a finite number"),
+    ("z_loss_multiplier=[0.1]", "config key 'z_loss_multiplier' expects a number"),
+    ("packing=0", "config key 'packing' expects true or false, got '0'"),
+    ("add_bos=[true]", "config key 'add_bos' expects true or false"),
+    ("max_num_checkpoints_to_keep=-1", "config key 'max_num_checkpoints_to_keep' must not be negative, got -1"),
+    ("mlp_activations={silu: 1}", "config key 'mlp_activations' expects a list"),
+    ("mlp_activations=[1, 2]", "config key 'mlp_activations' expects a list of strings, got '[1, 2]'"),
+    ("mesh_axes=[]", "config key 'mesh_axes' must list at least 1 entries"),
+    ("logical_axis_rules=[embed]", "config key 'logical_axis_rules' expects a list"),
+    ("dtype=fp32", "config key 'dtype' must be one of float32, bfloat16; got 'fp32'"),
+    ("data_shuffle=none", "config key 'data_shuffle' must be one of global, window"),
+    ("decode_sampling_nucleus_p=1.5", "config key 'decode_sampling_nucleus_p' must lie in (0, 1], got 1.5"),
+    ("num_epochs=0", "config key 'num_epochs' must be positive or -1 (repeat forever), got 0"),
+    ("ici_fsdp_parallelism=-2", "config key 'ici_fsdp_parallelism' must be positive or -1"),
+    ("eval_interval=-1", "config key 'eval_interval' must not be negative, got -1"),
+    ("metrics_file=../m.jsonl", "config key 'metrics_file' must be a file name inside the run folder"),
+    ("vq_ema_decay=1", "config key 'vq_ema_decay' must lie in [0, 1), got 1"),
+])
+def test_malformed_values_across_types_are_one_line_naming_the_key(arg, fragment):
+  with pytest.raises(ConfigError) as e:
+    init(arg)
+  message = str(e.value)
+  assert fragment in message and "\n" not in message, message
+
+
+def test_parsing_starts_no_jax_backend_and_no_distributed_job():
+  """Parsing (the declarations, the families' keys, the layers) starts nothing: joining a multi-process job must
+  come before JAX counts devices, which startup.load_config arranges."""
+  code = ("import jax; from jax._src import xla_bridge; from MaxText.config import loader; "
+          "v = loader.load([None, 'MaxText/configs/base_v2.yml', 'model_name=MUDDLlama2Tiny', 'alibi=false'], env={}); "
+          "print(xla_bridge.backends_are_initialized(), jax.distributed.is_initialized(), v['decoder_block'])")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["False", "False", "mudd"]
+
+
+@pytest.mark.parametrize("name", loader.preset_names())
 def test_every_preset_parses_and_names_its_command(name):
-  path = pyconfig.MODELS_DIR / f"{name}.yml"
+  path = loader.MODELS_DIR / f"{name}.yml"
   assert path.read_text().startswith("# python MaxText/train.py"), "each config starts with its command"
   c = init(f"model_name={name}", "num_devices=1")
   assert c.model_name == name

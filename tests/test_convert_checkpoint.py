@@ -8,15 +8,16 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
 
-from MaxText import convert_checkpoint, startup, train  # noqa: E402
-from MaxText.checkpoint import tensor_files  # noqa: E402
-from tests import reference_mudd_release  # noqa: E402
+from MaxText import convert_checkpoint, startup, train
+from MaxText.checkpoint import tensor_files
+from MaxText.training.run import Run
+from tests import reference_mudd_release
 
 transformers.logging.set_verbosity_error()
 
@@ -111,8 +112,8 @@ def test_fine_tuning_from_a_converted_llama_starts_at_hfs_loss(tmp_path, capsys)
       enable_tensorboard=False, per_device_batch_size=1.0, max_target_length=32, learning_rate=1e-3,
       warmup_steps_fraction=0.0)
   assert config.num_devices == 8
-  run = train.Run(config)
-  state, _ = run.restore_or_init(None, None)
+  run = Run(config)
+  state = run.init_state()
   assert len(state["params"]["layers"]["mlp"]["wi_0"].sharding.device_set) == 8
   batch = next(run.data(config.train_split))
   result = train.train_and_evaluate(config, progress=False)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MaxText import input_pipeline, prepare_data, pyconfig, startup
+from MaxText import input_pipeline, prepare_data, startup
+from MaxText.errors import ConfigError
 from MaxText.input_pipeline import default_corpus, packing, tfrecord_files
 from MaxText.input_pipeline.tokenizer import Tokenizer, train_sentencepiece
 
@@ -328,7 +329,7 @@ def test_synthetic_is_deterministic_learnable_and_sharded():
     for r in range(len(steps)):
       for s in np.unique(b["inputs_segmentation"][r][body[r]]):
         assert len(np.unique(steps[r][body[r] & (b["inputs_segmentation"][r] == s)])) == 1
-  with pytest.raises(pyconfig.ConfigError, match="synthetic"):
+  with pytest.raises(ConfigError, match="synthetic"):
     input_pipeline.get_tokenizer(config)
   assert input_pipeline.resolve_dataset(config) == ("", "")
   one = make_config(dataset_type="synthetic", vocab_size=100, packing=False, max_target_length=256,
@@ -371,11 +372,11 @@ def test_tfds_reads_a_prepared_dataset_offline(tokenizer_path, tmp_path):
     assert sum(int((b["inputs"] == 2).sum()) for b in batches) == 12  # one BOS per example
     ev = input_pipeline.create_iterator(config, "test")
     assert len(list(ev)) == ev.count_batches() >= 1
-  with pytest.raises(pyconfig.ConfigError, match="tfds_text_key"):
+  with pytest.raises(ConfigError, match="tfds_text_key"):
     input_pipeline.create_iterator(make_config(**{**tfds_keys, "tfds_text_key": "nope"}), "train")
-  with pytest.raises(pyconfig.ConfigError, match=r"no such split; splits: test, train"):
+  with pytest.raises(ConfigError, match=r"no such split; splits: test, train"):
     input_pipeline.create_iterator(make_config(**tfds_keys), "validation")
-  with pytest.raises(pyconfig.ConfigError, match="tokenizer_path"):
+  with pytest.raises(ConfigError, match="tokenizer_path"):
     input_pipeline.get_tokenizer(make_config(dataset_type="tfds", tfds_name=name))
 
 
@@ -396,17 +397,17 @@ def test_a_tfds_dataset_that_is_not_there_is_one_line_and_downloads_nothing(tmp_
 
 def test_config_errors_name_the_culprit(token_dataset, tmp_path, tokenizer_path):
   config = make_config(dataset_path=str(token_dataset))
-  with pytest.raises(pyconfig.ConfigError, match=r"split 'test'.*dataset_path=.*tokens"):
+  with pytest.raises(ConfigError, match=r"split 'test'.*dataset_path=.*tokens"):
     input_pipeline.create_iterator(config, "test")
   write_split(tmp_path, "train", [[5, 6, 7]], 1)
   (tmp_path / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
   size = Tokenizer(tokenizer_path).vocab_size
   small = make_config(dataset_path=str(tmp_path), vocab_size=size - 1)
-  with pytest.raises(pyconfig.ConfigError, match=rf"has {size} tokens but vocab_size={size - 1}"):
+  with pytest.raises(ConfigError, match=rf"has {size} tokens but vocab_size={size - 1}"):
     input_pipeline.create_iterator(small, "train")
-  with pytest.raises(pyconfig.ConfigError, match=rf"{size}.*{size - 1}"):
+  with pytest.raises(ConfigError, match=rf"{size}.*{size - 1}"):
     input_pipeline.get_tokenizer(small)
-  with pytest.raises(pyconfig.ConfigError, match="no tokenizer"):
+  with pytest.raises(ConfigError, match="no tokenizer"):
     input_pipeline.get_tokenizer(make_config(dataset_path=str(token_dataset)))
   with pytest.raises(input_pipeline.DataError,
                      match=r"validation-00000-of-00001.tfrecord holds token id \d+ but vocab_size=50"):

@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import decode, pyconfig, startup
+from MaxText import decode, startup
 from MaxText import eval as eval_cli
+from MaxText.config import loader
+from MaxText.errors import ConfigError
 from MaxText.inference import sampling
 from MaxText.training import train_state
 from tests.checks import fast_init
 
-BASE = str(pyconfig.BASE_CONFIG)
+BASE = str(loader.BASE_CONFIG)
 # Generic shrinking that any family accepts: a small vocabulary, length and depth, float32 for exact
 # comparisons, and weights large enough that the 1e-5 tolerance is small next to the logits.
 SHRINK = dict(vocab_size=128, max_target_length=32, base_num_decoder_layers=2, dtype="float32",
@@ -30,7 +32,7 @@ GPT_ALL_FLAGS = dict(alibi=True, parallel_residual=True, static_sgu=True, sgu_ba
 def decode_cases():
   """Every preset named *Tiny when the tests are collected (so families are covered as they land; muP
   through MuTransformerTiny), plus GPT with all its extras."""
-  cases = [pytest.param((name, {}), id=name) for name in pyconfig.preset_names() if name.endswith("Tiny")]
+  cases = [pytest.param((name, {}), id=name) for name in loader.preset_names() if name.endswith("Tiny")]
   cases.append(pytest.param(("GPTTiny", GPT_ALL_FLAGS), id="GPTTiny-all-flags"))
   return cases
 
@@ -132,7 +134,7 @@ def test_generation_compiles_once_for_any_prompts_seed_and_sampling(gpt_generato
       generator(params, prompts, eos_id=-1, seed=len(prompts[0]), strategy=strategy, temperature=0.7)
   # The token loop traces the decode step once, inside the while_loop.
   assert generator.traces == {"prefill": 1, "loop": 1, "step": 1}
-  with pytest.raises(pyconfig.ConfigError, match="max_prefill_predict_length=8"):
+  with pytest.raises(ConfigError, match="max_prefill_predict_length=8"):
     generator(params, [[2] * 9, [2]])
 
 

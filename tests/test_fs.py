@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from MaxText import fs, prepare_data, pyconfig, train
+from MaxText import fs, prepare_data, train
 from MaxText.checkpoint import checkpointing
+from MaxText.config import loader
 from MaxText.errors import ConfigError, StorageError
 from MaxText.input_pipeline import preparation, tfrecord_files, tokenizer
 
@@ -72,7 +73,7 @@ def test_prepare_train_and_evaluate_with_everything_in_a_bucket(make_config, tmp
   [events] = fs.glob(fs.join(runs, "r", "tensorboard", "events.out.tfevents.*"))
   assert len(fs.read_bytes(events)) > 100
   # A command about the run (decode, evaluation) reads the run's config.yml from the bucket.
-  values = pyconfig.load([None, str(pyconfig.BASE_CONFIG)], env={}, for_run=True, base_output_directory=runs,
+  values = loader.load([None, str(loader.BASE_CONFIG)], env={}, for_run=True, base_output_directory=runs,
                          run_name="r")
   assert values["base_emb_dim"] == config.base_emb_dim == 32 and values["dataset_path"] == data
 
@@ -111,6 +112,6 @@ def test_a_bucket_out_of_reach_is_a_one_line_error_and_leaves_no_local_folder(tm
                             "--vocab_size", "300"])
   err = capsys.readouterr().err
   assert code == 2 and "Traceback" not in err
-  assert re.match(f"prepare_data: error: --output_dir: cannot (reach|list) {UNREACHABLE}/d: .",
+  assert re.match(f"error: --output_dir: cannot (reach|list) {UNREACHABLE}/d: .",
                   err.strip().splitlines()[-1])
   assert list(tmp_path.iterdir()) == [tmp_path / "in.txt"]  # no local "gs:" folder

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import models, pyconfig
+from MaxText import models
+from MaxText.config import loader
+from MaxText.errors import ConfigError
 from MaxText.models import gpt, layers
 from MaxText.training import train_state, train_step
 from tests import reference_gpt
@@ -117,7 +119,7 @@ def test_alibi_bias_is_minus_m_distance_up_to_a_per_row_constant():
   offset = np.where(causal, bias - row, np.nan)
   np.testing.assert_allclose(np.nanmax(offset, -1), np.nanmin(offset, -1), atol=1e-5)
   scores = np.random.default_rng(0).normal(size=(H, L, L))
-  softmax = lambda s: jax.nn.softmax(np.where(causal, s, -np.inf), -1)  # noqa: E731
+  softmax = lambda s: jax.nn.softmax(np.where(causal, s, -np.inf), -1)
   np.testing.assert_allclose(softmax(scores + bias), softmax(scores + row), atol=1e-6)
 
 
@@ -139,7 +141,7 @@ def test_alibi_model_evaluates_at_twice_its_training_length(gpt_config):
 
 def test_learned_positions_refuse_a_cache_longer_than_their_table(gpt_config):
   model = nnx.eval_shape(lambda: models.build(gpt_config(), nnx.Rngs(0)))
-  with pytest.raises(pyconfig.ConfigError, match="max_target_length=16"):
+  with pytest.raises(ConfigError, match="max_target_length=16"):
     model.init_cache(1, 17)
 
 
@@ -249,7 +251,7 @@ def _preset_shape(name):
   """The preset's own model keys, so that make_config's tiny defaults do not shrink it."""
   import yaml  # noqa: PLC0415
 
-  preset = yaml.safe_load((pyconfig.MODELS_DIR / f"{name}.yml").read_text())
+  preset = yaml.safe_load((loader.MODELS_DIR / f"{name}.yml").read_text())
   keys = ("base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads", "base_mlp_dim",
           "vocab_size", "max_target_length")
   return {k: preset[k] for k in keys}
@@ -262,6 +264,6 @@ def _preset_shape(name):
     ({"head_qk_dim": 0}, "head_qk_dim"),
 ])
 def test_config_mistakes_are_one_line_errors(gpt_config, overrides, fragment):
-  with pytest.raises(pyconfig.ConfigError, match=fragment) as error:
+  with pytest.raises(ConfigError, match=fragment) as error:
     gpt_config(**overrides)
   assert "\n" not in str(error.value)

@@ -44,8 +44,7 @@ def bpe(tmp_path_factory):
 def write_jsonl(folder, name, rows):
   folder.mkdir(parents=True, exist_ok=True)
   with open(folder / name, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+    f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def hf_keys(bpe, path, **more):

@@ -59,7 +59,7 @@ def test_causality_gradient_is_zero_for_future_inputs(make_config):
 
 def loss_and_grads(config, params, batch):
   spec = train_state.model_spec(config)
-  fn = lambda p: train_step.loss_sums(train_state.bind(spec, p), batch, 0.0)[0]  # noqa: E731
+  fn = lambda p: train_step.loss_sums(train_state.bind(spec, p), batch, 0.0)[0]
   return jax.jit(jax.value_and_grad(fn))(params)
 
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import train
 from MaxText.training import train_state, train_step
+from MaxText.training.run import Run
 from tests.checks import fast_init
 from tests.test_llama import synthetic_batch
 from tests.test_sharding import run_one_step
@@ -33,7 +33,7 @@ def operand_dtypes(jaxpr, primitive: str) -> set[tuple[str, ...]]:
 
 
 def test_master_weights_and_adam_moments_stay_float32(make_config):
-  run = train.Run(make_config(**MIXED))
+  run = Run(make_config(**MIXED))
   for leaf in jax.tree.leaves(run.abstract["params"]) + jax.tree.leaves(run.abstract["opt_state"]):
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf
   assert sum(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(run.abstract["opt_state"])) >= 2 * len(

@@ -7,7 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from MaxText import models, pyconfig, startup
+from MaxText import models, startup
+from MaxText.config import loader
+from MaxText.errors import ConfigError
 from MaxText.models import parametrization
 from MaxText.tools import coord_check, mup_runs
 from MaxText.training import optimizers, train_state, train_step
@@ -104,7 +106,7 @@ def test_zero_init_options_give_exact_zeros(make_config, name):
   spec, params = init(zeroed)
   assert np.all(np.asarray(params["layers"]["attention"]["wq"]) == 0.0)
   assert np.all(np.asarray(params["unembed"]) == 0.0)
-  others = lambda p: {k: v for k, v in flat(p).items() if k not in ("layers/attention/wq", "unembed")}  # noqa: E731
+  others = lambda p: {k: v for k, v in flat(p).items() if k not in ("layers/attention/wq", "unembed")}
   jax.tree.map(np.testing.assert_array_equal, others(params), others(want))
   tokens, positions, segment_ids = packed_inputs(zeroed)
   logits, _ = train_state.bind(spec, params)(tokens, positions, segment_ids)
@@ -210,7 +212,7 @@ def test_fast_coordinate_check_passes_under_mup_and_fails_under_sp(make_config):
     (["zero_init_readout=true", "logits_via_embedding=true"], "config key 'zero_init_readout' needs an untied readout"),
 ])
 def test_config_errors_name_the_key(make_config, args, fragment):
-  with pytest.raises(pyconfig.ConfigError) as e:
+  with pytest.raises(ConfigError) as e:
     make_config(*args)
   assert fragment in str(e.value) and "\n" not in str(e.value)
 
@@ -218,7 +220,7 @@ def test_config_errors_name_the_key(make_config, args, fragment):
 @pytest.mark.parametrize("name", ["MuTransformerTiny", "MuTransformerSmall", "MuTransformerMedium",
                                   "MuTransformerLarge"])
 def test_mu_transformer_presets_step_widths_by_four_at_fixed_head_dim(name):
-  config = startup.load_config([None, str(pyconfig.BASE_CONFIG)], env={}, model_name=name, num_devices=1,
+  config = startup.load_config([None, str(loader.BASE_CONFIG)], env={}, model_name=name, num_devices=1,
                                per_device_batch_size=1.0)
   index = ["Tiny", "Small", "Medium", "Large"].index(name.removeprefix("MuTransformer"))
   assert config.base_emb_dim == 128 * 4**index and config.head_dim == 128 and config.mup_base_width == 128

@@ -62,6 +62,6 @@ def test_bfloat16_activations_get_bfloat16_gradients_and_the_gains_keep_their_dt
 def test_rematerialised_norm_gives_the_same_gradient():
   x = jax.random.normal(jax.random.key(1), (3, 32), jnp.float32)
   scale = jax.random.normal(jax.random.key(2), (32,), jnp.float32)
-  f = lambda x, s: jnp.sum(jnp.sin(layers.normalize(x, s, None, 1e-6, False, jnp.float32)))  # noqa: E731
+  f = lambda x, s: jnp.sum(jnp.sin(layers.normalize(x, s, None, 1e-6, False, jnp.float32)))
   np.testing.assert_allclose(jax.grad(jax.checkpoint(f), argnums=(0, 1))(x, scale)[1],
                              jax.grad(f, argnums=(0, 1))(x, scale)[1], rtol=1e-6)

@@ -9,26 +9,27 @@ import math
 import pytest
 import yaml
 
-from MaxText import pyconfig, startup, train
+from MaxText import startup, train
+from MaxText.config import loader
 
 
 def _switches(name: str) -> tuple:
   """The preset's non-size settings: strings and booleans (and the MLP activations), which pick code paths."""
-  values = yaml.safe_load((pyconfig.MODELS_DIR / f"{name}.yml").read_text())
+  values = yaml.safe_load((loader.MODELS_DIR / f"{name}.yml").read_text())
   return tuple(sorted((k, str(v)) for k, v in values.items()
                       if isinstance(v, (bool, str)) or k == "mlp_activations"))
 
 
 def _one_per_switch_group() -> list[str]:
   groups = {}
-  for name in pyconfig.preset_names():
+  for name in loader.preset_names():
     groups.setdefault(_switches(name), name)
   return sorted(groups.values())
 
 
 def _shrunk(name: str) -> dict:
   """Sizes small enough for a CPU step that every family accepts; head counts keep MHA / GQA / single-head."""
-  shipped = startup.load_config([None, str(pyconfig.BASE_CONFIG)], model_name=name, num_devices=1, env={})
+  shipped = startup.load_config([None, str(loader.BASE_CONFIG)], model_name=name, num_devices=1, env={})
   heads = 1 if shipped.base_num_query_heads == 1 else 4
   kv_heads = (heads if shipped.base_num_kv_heads == shipped.base_num_query_heads
               else 1 if shipped.base_num_kv_heads == 1 else 2)

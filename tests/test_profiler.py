@@ -50,17 +50,17 @@ def test_a_run_that_fails_inside_the_window_stops_the_trace(make_config, monkeyp
   jax.profiler.stop_trace()
 
 
-def _fake_profiler(monkeypatch, calls):
+def _fake_trace(monkeypatch, first_step=0, **keys):
+  """A Profiler over a stand-in jax.profiler, and the list of calls it makes."""
+  calls = []
   monkeypatch.setattr(jax.profiler, "start_trace", lambda folder: calls.append(("start", folder)))
   monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+  config = types.SimpleNamespace(**{"profiler": "xplane", "tensorboard_dir": "tb", **keys})
+  return profiler.Profiler(config, first_step=first_step, log=lambda text: None), calls
 
 
 def test_the_window_counts_from_the_runs_first_step(monkeypatch):
-  calls = []
-  _fake_profiler(monkeypatch, calls)
-  config = types.SimpleNamespace(profiler="xplane", skip_first_n_steps_for_profiler=2, profiler_steps=3,
-                                 tensorboard_dir="tb")
-  trace = profiler.Profiler(config, first_step=10, log=lambda text: None)  # resumed at step 10
+  trace, calls = _fake_trace(monkeypatch, 10, skip_first_n_steps_for_profiler=2, profiler_steps=3)  # resumed at 10
   for step in range(10, 20):
     trace.maybe_start(step)
     calls.append(step + 1)  # the step that runs
@@ -71,11 +71,7 @@ def test_the_window_counts_from_the_runs_first_step(monkeypatch):
 
 
 def test_a_run_that_ends_inside_the_window_is_stopped_by_close(monkeypatch):
-  calls = []
-  _fake_profiler(monkeypatch, calls)
-  config = types.SimpleNamespace(profiler="xplane", skip_first_n_steps_for_profiler=1, profiler_steps=5,
-                                 tensorboard_dir="tb")
-  trace = profiler.Profiler(config, first_step=0, log=lambda text: None)
+  trace, calls = _fake_trace(monkeypatch, skip_first_n_steps_for_profiler=1, profiler_steps=5)
   for step in range(3):  # the run has 3 steps; the window would end after step 6
     trace.maybe_start(step)
     trace.maybe_stop(step + 1)
@@ -86,11 +82,7 @@ def test_a_run_that_ends_inside_the_window_is_stopped_by_close(monkeypatch):
 
 
 def test_no_trace_without_the_profiler(monkeypatch):
-  calls = []
-  _fake_profiler(monkeypatch, calls)
-  config = types.SimpleNamespace(profiler="", skip_first_n_steps_for_profiler=0, profiler_steps=1,
-                                 tensorboard_dir="tb")
-  trace = profiler.Profiler(config, first_step=0, log=lambda text: None)
+  trace, calls = _fake_trace(monkeypatch, profiler="", skip_first_n_steps_for_profiler=0, profiler_steps=1)
   for step in range(3):
     trace.maybe_start(step)
     trace.maybe_stop(step + 1)

@@ -18,6 +18,7 @@ import yaml
 from conftest import BASE
 
 from MaxText import errors, train
+from MaxText.training import faults
 from MaxText.tools.fault_injection import load_state
 
 TINY = ["base_emb_dim=32", "base_num_decoder_layers=1", "base_num_query_heads=2", "base_num_kv_heads=2",
@@ -178,7 +179,7 @@ def test_without_fallback_a_damaged_checkpoint_is_one_line_exit_2(good, tmp_path
 def test_a_failing_save_is_one_line_naming_the_path_and_earlier_checkpoints_stay(good, tmp_path, capsys, monkeypatch):
   run = copy_run(good, tmp_path)
   folder = run / "checkpoints"
-  reached = train.faults_reached
+  reached = faults.reached
 
   def in_the_way(kind, step):  # after step 3 is dispatched, a file takes the checkpoint folder's place
     reached(kind, step)
@@ -186,7 +187,7 @@ def test_a_failing_save_is_one_line_naming_the_path_and_earlier_checkpoints_stay
       folder.rename(run / "checkpoints.moved")
       folder.write_text("in the way\n")
 
-  monkeypatch.setattr(train, "faults_reached", in_the_way)
+  monkeypatch.setattr(faults, "reached", in_the_way)
   code, _, err = main(tmp_path, "run", "steps=4", capsys=capsys)
   assert code == errors.EXIT_ERROR
   line = one_error_line(err)

@@ -99,7 +99,7 @@ def test_qk_rmsnorm_has_one_gain_per_head_dim_and_normalises_each_head(make_conf
   assert attention["q_norm"]["scale"].shape == (config.base_num_decoder_layers, E)
   assert attention["k_norm"]["scale"].shape == (config.base_num_decoder_layers, E)
   tokens, positions, segment_ids = packed_inputs(config)
-  model = lambda p: train_state.bind(spec, p)(tokens, positions, segment_ids)[0]  # noqa: E731
+  model = lambda p: train_state.bind(spec, p)(tokens, positions, segment_ids)[0]
   base = model(params)
   # Normalised per head, queries and keys forget any scale of their projections.
   scaled = jax.tree.map(lambda x: x, params)

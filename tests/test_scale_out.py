@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from MaxText import startup, train
+from MaxText import startup
 from MaxText.parallel import sharding_report
+from MaxText.training.run import Run
 from tests.conftest import BASE, TINY
 from tests.scale_out_steps import initial_state, run_steps
 
@@ -98,7 +99,7 @@ def test_two_processes_equal_one_and_their_checkpoint_continues_on_one(make_conf
 def test_fsdp8_holds_an_eighth_of_llama2medium_and_its_adam_state_per_device():
   config = startup.load_config([None, BASE], env={}, model_name="Llama2Medium", num_devices=8,
                                ici_fsdp_parallelism=8, per_device_batch_size=1.0)
-  run = train.Run(config)  # abstract: shapes and shardings, nothing allocated
+  run = Run(config)  # abstract: shapes and shardings, nothing allocated
   whole = sharding_report.total_bytes(run.abstract)
   per_device = sharding_report.bytes_per_device(run.abstract, run.shardings)
   assert whole > 3 * 4 * 400e6  # parameters and two Adam moments in float32
@@ -113,7 +114,7 @@ def test_fsdp8_holds_an_eighth_of_llama2medium_and_its_adam_state_per_device():
 
 
 def test_print_sharding_lists_every_parameter(make_config):
-  run = train.Run(make_config(**mesh(1, 2, 2)))
+  run = Run(make_config(**mesh(1, 2, 2)))
   text = sharding_report.format_parameters(run.spec, run.abstract, run.shardings)
   lines = text.splitlines()
   assert len(lines) == 2 + len(jax.tree.leaves(run.spec.shapes)) + 2

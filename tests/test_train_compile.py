@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-from MaxText import startup, train, train_compile
+from MaxText import startup, train_compile
 from MaxText.errors import ConfigError
 from MaxText.observe import metrics
 from MaxText.parallel import sharding_report, topology
+from MaxText.training.run import Run
 
 BASE = "MaxText/configs/base_v2.yml"
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -31,7 +32,7 @@ def tpu_env():
 
 def compile_report(*args):
   config, tpu, devices = startup.load_topology_config([None, BASE, *args], env={})
-  run = train.Run(config, devices)
+  run = Run(config, devices)
   return run, train_compile.report(run, tpu)
 
 

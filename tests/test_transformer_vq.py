@@ -8,7 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from MaxText import models, pyconfig, train
+from MaxText import models, train
+from MaxText.errors import ConfigError
 from MaxText.models import vq_attention as vqa
 from MaxText.parallel import sharding
 from MaxText.training import optimizers, train_state
@@ -29,7 +30,7 @@ def vq_config(make_config, **overrides):
 def init(config):
   """The family's own initialisation, jitted with counter-based "rbg" keys (they compile fastest)."""
   spec = train_state.model_spec(config)
-  rngs = lambda: nnx.Rngs(jax.random.key(0, impl="rbg"))  # noqa: E731
+  rngs = lambda: nnx.Rngs(jax.random.key(0, impl="rbg"))
   return spec, jax.jit(lambda: nnx.to_pure_dict(nnx.state(models.build(config, rngs()), nnx.Param)))()
 
 
@@ -300,6 +301,6 @@ def test_flops_per_token_hand_count(make_config):
     ({"base_emb_dim": 33}, "even"),
 ])
 def test_config_errors_name_the_key(make_config, overrides, fragment):
-  with pytest.raises(pyconfig.ConfigError, match=fragment):
+  with pytest.raises(ConfigError, match=fragment):
     vq_config(make_config, **overrides)
 

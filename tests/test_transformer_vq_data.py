@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MaxText import input_pipeline, prepare_data, pyconfig, train
+from MaxText import input_pipeline, prepare_data
+from MaxText.errors import ConfigError
 from MaxText.input_pipeline import preparation, tfrecord_files
 from MaxText.input_pipeline.tokenizer import ByteTokenizer, Tokenizer
 from MaxText.parallel import sharding
+from MaxText.training.run import Run
 from tests.test_transformer_vq import VQ, init
 
 TEXT = "def f(x):\n    return  x + 1  # é ü 😀\n\n\tend"
@@ -66,11 +68,11 @@ def test_vocab_only_trains_just_the_sentencepiece_model(stream, tmp_path, capsys
 
 
 def test_byte_config_errors(make_config):
-  with pytest.raises(pyconfig.ConfigError, match="tokenizer_type=byte needs dataset_path"):
+  with pytest.raises(ConfigError, match="tokenizer_type=byte needs dataset_path"):
     input_pipeline.create_iterator(make_config(dataset_type="tfrecord", tokenizer_type="byte", vocab_size=512), "train")
-  with pytest.raises(pyconfig.ConfigError, match="vocab_size >= 260"):
+  with pytest.raises(ConfigError, match="vocab_size >= 260"):
     input_pipeline.get_tokenizer(make_config(dataset_type="tfrecord", tokenizer_type="byte", dataset_path="x"))
-  with pytest.raises(pyconfig.ConfigError, match="tokenizer_type"):
+  with pytest.raises(ConfigError, match="tokenizer_type"):
     make_config(tokenizer_type="bytes")
 
 
@@ -82,7 +84,7 @@ def test_byte_level_evaluation_reports_bits_per_byte(make_config, stream, tmp_pa
   config = make_config(**{**VQ, "vocab_size": 260}, dataset_type="tfrecord", dataset_path=str(data),
                        tokenizer_type="byte", add_bos=False, add_eos=False, per_device_batch_size=4.0, eval_steps=2)
   np.testing.assert_array_equal(input_pipeline.token_byte_lengths(config), ByteTokenizer().byte_lengths())
-  run = train.Run(config)
+  run = Run(config)
   _, params = init(config)
   with sharding.use_mesh(run.mesh, run.rules):
     row = run.evaluate(run.evaluate_fn(), params, config.eval_split)

@@ -18,11 +18,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from MaxText import fs
@@ -106,7 +110,7 @@ class Checkpointer:
     self._pending: int | None = None  # the step of a save that may still be running in the background
 
   @classmethod
-  def from_config(cls, config) -> "Checkpointer":
+  def from_config(cls, config) -> Checkpointer:
     return cls(config.checkpoint_dir, period=config.checkpoint_period or config.steps,
                keep=config.max_num_checkpoints_to_keep, use_async=config.async_checkpointing,
                fallback=config.checkpoint_fallback)
@@ -248,8 +252,6 @@ class Checkpointer:
           target += f"-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(self.step_dir(step), target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-
       multihost_utils.sync_global_devices("checkpointing: damaged steps moved")
     self.manager.reload()
 
@@ -284,6 +286,22 @@ class Checkpointer:
       if have[key] != want[key]:
         raise CheckpointError(f"checkpoint {path} does not fit this run's model and optimizer: {key} is "
                               f"{have[key]} there but {want[key]} here")
+
+
+def saved_meta(directory: str) -> dict:
+  """The `meta` item (schedule length, checksums, ...) of the newest step in `directory` whose meta can be read,
+  without restoring anything; {} when there is none. A run reads it before it is built (its schedule)."""
+  if not fs.isdir(directory):
+    return {}
+  for step in sorted((int(n) for n in fs.listdir(directory) if n.isdigit()), reverse=True):
+    path = fs.join(directory, str(step), "meta", "metadata")
+    try:
+      meta = json.loads(fs.read_text(path))
+    except (OSError, ValueError, StorageError):
+      continue
+    if isinstance(meta, dict):
+      return meta
+  return {}
 
 
 def _verify(meta: dict, state: Any, prefix: str = "") -> None:
@@ -373,7 +391,6 @@ def load_parameters(path: str, abstract_params: Any) -> Any:
     return load_converted(path, abstract_params)
   quiet_library_logs()
   if fs.is_remote(path):  # a bucket: reached through the filesystem layer, read by Orbax through epath
-    from etils import epath  # noqa: PLC0415
 
     try:
       found = fs.isdir(fs.join(path, "state")) or fs.isdir(path)
@@ -396,8 +413,6 @@ def load_converted(path: str, abstract_params: Any) -> Any:
   """Parameters from safetensors named by parameter path ("layers/mlp/wo"), each placed directly in its
   sharding: every device's shard is read from the file on its own (the leading rows it covers), cast to
   the parameter's dtype; the whole tensor is never assembled on one host."""
-  import numpy as np  # noqa: PLC0415
-
   stored = tensor_files.open_parameters(path)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
   names = ["/".join(str(getattr(k, "key", k)) for k in key_path) for key_path, _ in flat]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 
 
 def leaf_name(path) -> str:
@@ -95,7 +96,6 @@ def _combine_processes(pairs: np.ndarray) -> np.ndarray:
   """The per-process [leaf, (sum, xor)] of every process, combined (each process holds different shards)."""
   if jax.process_count() == 1:
     return pairs
-  from jax.experimental import multihost_utils  # noqa: PLC0415
 
   every = np.asarray(multihost_utils.process_allgather(pairs)).astype(np.uint64)  # [process, leaf, 2]
   total = (every[..., 0].sum(axis=0) & 0xFFFFFFFF).astype(np.uint32)

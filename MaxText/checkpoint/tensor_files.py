@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -55,7 +56,7 @@ class LazyTensor:
   """One tensor of a safetensors file, read when converted to an array; `[i]` reads row i of the leading
   axis only, `read(index)` the rows an index needs."""
 
-  def __init__(self, file: "TensorFile", name: str, dtype: np.dtype, shape: tuple[int, ...], offset: int):
+  def __init__(self, file: TensorFile, name: str, dtype: np.dtype, shape: tuple[int, ...], offset: int):
     self.file, self.name, self.dtype, self.shape, self.offset = file, name, dtype, shape, offset
 
   @property
@@ -150,7 +151,7 @@ class TorchFile(Mapping):
 
   def __init__(self, path: str | os.PathLike):
     try:
-      import torch  # noqa: PLC0415
+      import torch  # noqa: PLC0415 (optional: only for pytorch_model.bin files)
     except ImportError:
       raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch (pip install torch)") from None
     self.path = str(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,9 +31,21 @@ from MaxText.input_pipeline.rows import Rows
 from MaxText.input_pipeline.sources import SOURCES, Location, Source
 from MaxText.input_pipeline.tokenizer import BOS_ID, EOS_ID, TOKENIZERS, ByteTokenizer, Tokenizer
 
-__all__ = ["ByteTokenizer", "DataError", "DataIterator", "GlobalIterator", "Location", "SOURCES", "Source",
-           "TOKENIZERS", "Tokenizer",
-           "create_iterator", "get_tokenizer", "resolve_dataset", "token_byte_lengths"]
+__all__ = [
+  "SOURCES",
+  "TOKENIZERS",
+  "ByteTokenizer",
+  "DataError",
+  "DataIterator",
+  "GlobalIterator",
+  "Location",
+  "Source",
+  "Tokenizer",
+  "create_iterator",
+  "get_tokenizer",
+  "resolve_dataset",
+  "token_byte_lengths",
+]
 
 _STATE_VERSION = 1
 
@@ -204,9 +216,7 @@ def token_byte_lengths(config) -> np.ndarray | None:
 
 def store_root(config) -> str:
   """Where token stores are indexed: <dataset_cache_dir>/token_stores."""
-  from MaxText.input_pipeline.default_corpus import DEFAULT_CACHE_DIR  # noqa: PLC0415
-
-  return os.path.join(os.path.expanduser(config.dataset_cache_dir or DEFAULT_CACHE_DIR), "token_stores")
+  return os.path.join(os.path.expanduser(config.dataset_cache_dir or token_store.DEFAULT_CACHE_DIR), "token_stores")
 
 
 def create_iterator(config, split: str, *, process_index: int = 0, process_count: int = 1):

@@ -18,9 +18,9 @@ from pathlib import Path
 from MaxText import fs
 from MaxText.errors import ConfigError, PrepareError
 from MaxText.input_pipeline.preparation import INFO_FILE, prepare
+from MaxText.input_pipeline.token_store import DEFAULT_CACHE_DIR
 
 FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR = "~/.cache/maxtext_research"
 _EXCLUDE_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import glob as globlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -143,7 +143,7 @@ class HFSource(Source):
 
   @classmethod
   def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
-           process_count: int) -> "HFSource":
+           process_count: int) -> HFSource:
     names = {config.train_split: config.hf_train_split, config.eval_split: config.hf_eval_split}
     hf_split = names.get(split) or split
     # A dataset without the evaluation split holds some training documents out for it (module docstring).

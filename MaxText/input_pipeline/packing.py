@@ -12,7 +12,7 @@ resumed iterator continue exactly where the old one stopped without replaying th
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

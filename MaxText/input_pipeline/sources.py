@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Iterator
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -37,13 +38,12 @@ from MaxText.registry import Registry
 
 
 def _import_sources() -> None:
-  import MaxText.input_pipeline as package  # noqa: PLC0415
+  """Every module of this package, so each registers its sources (found by listing, never by a list)."""
+  for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+    importlib.import_module(f"{__package__}.{module.name}")
 
-  for module in pkgutil.iter_modules(package.__path__):
-    importlib.import_module(f"{package.__name__}.{module.name}")
 
-
-SOURCES: Registry[type["Source"]] = Registry("dataset_type", "data source", load=_import_sources)
+SOURCES: Registry[type[Source]] = Registry("dataset_type", "data source", load=_import_sources)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Source:
 
   @classmethod
   def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
-           process_count: int) -> "Source":
+           process_count: int) -> Source:
     raise NotImplementedError
 
   @classmethod

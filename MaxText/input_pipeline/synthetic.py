@@ -10,7 +10,7 @@ Synthetic data has no tokenizer (`get_tokenizer` raises a ConfigError saying so)
 from __future__ import annotations
 
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class SyntheticSource(Source):
 
   @classmethod
   def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
-           process_count: int) -> "SyntheticSource":
+           process_count: int) -> SyntheticSource:
     del location, tokenizer
     return cls(split, vocab_size=config.vocab_size, length=config.max_target_length, train=train,
                seed=config.data_shuffle_seed, process_index=process_index, process_count=process_count)

@@ -8,7 +8,7 @@ download; a name that is not there is a one-line error saying where it was looke
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -29,8 +29,8 @@ def load_builder(name: str, data_dir: str):
   """The read-only builder of a prepared dataset `name` (`name/config:version` also works) in data_dir."""
   tfrecord_files.import_tf()
   try:
-    import tensorflow_datasets as tfds  # noqa: PLC0415 (slow import, only for this dataset type)
-    from tensorflow_datasets.core import read_only_builder  # noqa: PLC0415
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (needs TensorFlow, 4 s to import: only for dataset_type=tfds)
+    from tensorflow_datasets.core import read_only_builder  # noqa: PLC0415 (the same)
   except ImportError as e:
     raise ConfigError(f"dataset_type=tfds needs tensorflow-datasets, which does not import ({_reason(e)})") from None
   where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
@@ -53,7 +53,7 @@ class TfdsSource(Source):
 
   @classmethod
   def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
-           process_count: int) -> "TfdsSource":
+           process_count: int) -> TfdsSource:
     return cls(location.dataset, split, data_dir=config.tfds_data_dir, text_key=config.tfds_text_key,
                tokenizer=tokenizer, process_index=process_index, process_count=process_count, shuffle=train,
                seed=config.data_shuffle_seed, shuffle_buffer_size=config.shuffle_buffer_size)

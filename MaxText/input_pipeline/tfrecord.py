@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class TFRecordSource(Source):
 
   @classmethod
   def open(cls, config, split: str, *, location: Location, train: bool, tokenizer, process_index: int,
-           process_count: int) -> "TFRecordSource":
+           process_count: int) -> TFRecordSource:
     return cls(split_files(location.dataset, split), tokenizer=tokenizer, process_index=process_index,
                process_count=process_count, shuffle=train, seed=config.data_shuffle_seed,
                shuffle_buffer_size=config.shuffle_buffer_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -153,7 +153,7 @@ def detect_feature(files: Sequence[str]) -> str:
 def tf_error_line(message: str) -> str:
   # TF wraps the reason in its own plumbing: "{{function_node ...}} corrupted record at 681 [Op:...]".
   text = re.sub(r"\{\{function_node [^}]*\}\}|\s*\[Op:[^\]]*\].*$", "", (message or "").strip().splitlines()[0]
-                if (message or "").strip() else "", flags=re.S).strip()
+                if (message or "").strip() else "", flags=re.DOTALL).strip()
   return text or "unknown error"
 
 

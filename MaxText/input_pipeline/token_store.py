@@ -27,8 +27,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -36,12 +36,14 @@ from MaxText import fs
 from MaxText.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
+# Where the default corpus is prepared and token stores are indexed when dataset_cache_dir is "".
+DEFAULT_CACHE_DIR = "~/.cache/maxtext_research"
 META_FILE = "store.json"
 _CONVERT_TOKENS = 1 << 24  # tokens per step when narrowing the token file to uint16
 
 
 def store_key(fingerprint: str) -> str:
-  return hashlib.sha256(f"token-store-v{FORMAT_VERSION}|{fingerprint}".encode("utf-8")).hexdigest()[:20]
+  return hashlib.sha256(f"token-store-v{FORMAT_VERSION}|{fingerprint}".encode()).hexdigest()[:20]
 
 
 class TokenStore:

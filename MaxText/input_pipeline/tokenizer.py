@@ -18,14 +18,15 @@ import hashlib
 import io
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 from MaxText import fs
 from MaxText.errors import ConfigError, StorageError
+from MaxText.input_pipeline.hf_tokenizer import HFTokenizer
 from MaxText.registry import Registry
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -121,14 +122,19 @@ class ByteTokenizer:
 TOKENIZERS: Registry = Registry("tokenizer_type", "tokenizer")
 
 
-@TOKENIZERS.register("sentencepiece")
-def load_sentencepiece(path: str) -> Tokenizer | None:
+def _from_file(make, path: str):
+  """`make(path)`, None without a path, a file it cannot read as a one-line error naming tokenizer_path."""
   if not path:
     return None
   try:
-    return Tokenizer(path)
+    return make(path)
   except ValueError as e:
     raise ConfigError(f"tokenizer_path: {e}") from None
+
+
+@TOKENIZERS.register("sentencepiece")
+def load_sentencepiece(path: str) -> Tokenizer | None:
+  return _from_file(Tokenizer, path)
 
 
 load_sentencepiece.default_file = "tokenizer.model"
@@ -141,15 +147,8 @@ def load_bytes(path: str) -> ByteTokenizer:
 
 
 @TOKENIZERS.register("hf")
-def load_hf(path: str):
-  if not path:
-    return None
-  from MaxText.input_pipeline.hf_tokenizer import HFTokenizer  # noqa: PLC0415 (imports tokenizers)
-
-  try:
-    return HFTokenizer(path)
-  except ValueError as e:
-    raise ConfigError(f"tokenizer_path: {e}") from None
+def load_hf(path: str) -> HFTokenizer | None:
+  return _from_file(HFTokenizer, path)
 
 
 load_hf.default_file = "tokenizer.json"

@@ -7,8 +7,8 @@ import argparse
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "MaxText/configs/base_v2.yml"
@@ -21,6 +21,14 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
   at = argv.index("--")
   return argv[:at], argv[at + 1:]
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+  """(the launcher's options, the trainer's key=value overrides after `--`), both checked."""
+  options, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(options)
+  check_overrides(overrides)
+  return args, overrides
 
 
 def check_overrides(overrides: Sequence[str]) -> None:

@@ -1,4 +1,4 @@
-"""Train on GPU hosts with Open MPI's mpirun: one process per GPU on every host.
+r"""Train on GPU hosts with Open MPI's mpirun: one process per GPU on every host.
 
   python MaxText/launch/mpirun.py --hosts gpu1,gpu2 --gpus_per_host 8 -- run_name=mudd model_name=MUDDLlama2Medium \
       dataset_path=/data/pile
@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python MaxText/launch/x.py`: the repository root on the path
   sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from MaxText.launch import common  # noqa: E402
+from MaxText.launch import common
 
 
 def command(args, overrides) -> list[str]:
@@ -45,9 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  options, overrides = common.split_argv(sys.argv[1:] if argv is None else argv)
-  args = parser().parse_args(options)
-  common.check_overrides(overrides)
+  args, overrides = common.parse(parser(), argv)
   if not (args.processes_per_host or args.gpus_per_host) or not [h for h in args.hosts.split(",") if h]:
     print("error: give --hosts and --gpus_per_host (or --processes_per_host on CPU hosts)", file=sys.stderr)
     return 2

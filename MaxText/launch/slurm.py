@@ -1,4 +1,4 @@
-"""Train on a Slurm GPU cluster: write an sbatch script (one process per GPU) and submit it.
+r"""Train on a Slurm GPU cluster: write an sbatch script (one process per GPU) and submit it.
 
   python MaxText/launch/slurm.py --nodes 2 --gpus_per_node 8 --partition gpu --time 24:00:00 -- \
       run_name=mudd model_name=MUDDLlama2Medium dataset_path=/data/pile
@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python MaxText/launch/x.py`: the repository root on the path
   sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from MaxText.launch import common  # noqa: E402
+from MaxText.launch import common
 
 
 def sbatch_script(args, overrides) -> str:
@@ -64,9 +64,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  options, overrides = common.split_argv(sys.argv[1:] if argv is None else argv)
-  args = parser().parse_args(options)
-  common.check_overrides(overrides)
+  args, overrides = common.parse(parser(), argv)
   if args.nodes < 1 or args.gpus_per_node < 1:
     print("error: --nodes and --gpus_per_node must be at least 1", file=sys.stderr)
     return 2

@@ -1,4 +1,4 @@
-"""Train on a Cloud TPU VM slice (every worker of a pod) through `gcloud compute tpus tpu-vm`.
+r"""Train on a Cloud TPU VM slice (every worker of a pod) through `gcloud compute tpus tpu-vm`.
 
   # create a v5p-8, put this commit on every worker, install, start training in a tmux session:
   python MaxText/launch/tpu_pod.py --tpu mudd --zone us-east5-a --accelerator_type v5p-8 launch -- \
@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python MaxText/launch/x.py`: the repository root on the path
   sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from MaxText.launch import common  # noqa: E402
+from MaxText.launch import common
 
 ACTIONS = ("create", "install", "start", "launch", "attach", "logs", "stop", "kill", "delete")
 

@@ -10,9 +10,9 @@ A family class is an `nnx.Module` with
   init_cache(batch, max_length) -> cache pytree for decoding
   validate(config)            (classmethod) raise ConfigError for impossible family-specific settings
   flops_per_token(config)     (staticmethod) training FLOPs per token (forward + backward)
-  config_keys                 (class attribute) the base_v2.yml keys only this family reads (or it and the
-                              other families that list them too); another family's run that sets one away
-                              from its default is a config error
+  keys                        (class attribute) the family's own config keys, a `config.keys.Group` declared
+                              beside it (it may extend another family's group, as MUDD extends Transformer++'s);
+                              another family's run that sets one away from its default is a config error
 and, for the chunked loss (`num_vocab_tiling` > 1: the output projection and the loss run over length
 chunks, so the [B, L, V] logits never exist at once):
   hidden(tokens_BL, positions_BL, segment_ids_BL) -> (h_BLD, aux)   the training forward pass up to the
@@ -20,8 +20,8 @@ chunks, so the [B, L, V] logits never exist at once):
   logits(h_BLD) -> logits_BLV float32, position by position, so that logits(hidden(...)[0]) == __call__'s
   cannot_chunk_logits(config) (classmethod) None, or why this family (with this config) cannot be chunked
 and, optionally, checkpoint conversion to and from another code base's flat {name: tensor} layout
-(`convert_checkpoint.py` only dispatches to these):
-  hf_model_type               (class attribute) the config.json `model_type` this family converts ("" none)
+(`convert_checkpoint.py` only dispatches to these): the class attribute `hf`, a module (`models/hf_llama.py`,
+`models/hf_mudd.py`) with MODEL_TYPE (the config.json `model_type`) and
   config_from_hf(hf_config)   (classmethod) an HF config.json dict -> {config key: value}
   hf_config(config)           (classmethod) the config.json dict of this model
   from_hf(config, tensors)    (classmethod) {name: array} (a lazy mapping) -> iterator of (our parameter
@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from flax import nnx
 
@@ -57,9 +58,8 @@ FAMILIES: Registry[type] = Registry("decoder_block", "model family", load=_impor
 class ModelFamily(nnx.Module):
   """Defaults shared by every family."""
 
-  config_keys: tuple[str, ...] = ()
+  keys: type | None = None
   family_name = ""
-  hf_model_type = ""
 
   @classmethod
   def validate(cls, config) -> None:
@@ -78,27 +78,35 @@ class ModelFamily(nnx.Module):
   def init_cache(self, batch: int, max_length: int):
     raise ConfigError(f"model family {type(self).__name__} has no decode cache")
 
-  # --- Checkpoint conversion (optional) ---
+  # --- Checkpoint conversion (optional): `hf` is a module with MODEL_TYPE and the four functions below ---
+  hf: Any = None
 
   @classmethod
-  def _no_conversion(cls):
-    return ConfigError(f"model family {cls.family_name!r} cannot convert Hugging Face checkpoints")
+  def _hf(cls):
+    if cls.hf is None:
+      raise ConfigError(f"model family {cls.family_name!r} cannot convert Hugging Face checkpoints")
+    return cls.hf
+
+  @classmethod
+  def hf_model_type(cls) -> str:
+    """The config.json `model_type` this family converts ("" none)."""
+    return cls.hf.MODEL_TYPE if cls.hf is not None else ""
 
   @classmethod
   def config_from_hf(cls, hf_config: Mapping[str, Any]) -> dict[str, Any]:
-    raise cls._no_conversion()
+    return cls._hf().config_from_hf(hf_config)
 
   @classmethod
   def hf_config(cls, config) -> dict[str, Any]:
-    raise cls._no_conversion()
+    return cls._hf().hf_config(config)
 
   @classmethod
   def from_hf(cls, config, tensors: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    raise cls._no_conversion()
+    return cls._hf().from_hf(config, tensors)
 
   @classmethod
   def to_hf(cls, config, params: dict) -> Iterator[tuple[str, Any]]:
-    raise cls._no_conversion()
+    return cls._hf().to_hf(config, params)
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -116,17 +124,18 @@ def get_family(name: str) -> type:
   return FAMILIES.get(name)
 
 
-def check_config(config, defaults: dict) -> None:
+def check_config(config) -> None:
   """The family's own checks, and no key of another family set away from its default (it would be ignored).
-  A key several families read (in each one's config_keys) is an error only on the families that do not."""
+  A key several families read (in each one's keys group) is an error only on the families that do not."""
   family = get_family(config.decoder_block)
+  own = set(family.keys.model_fields) if family.keys is not None else set()
   for name, other in sorted(FAMILIES.items()):
-    if other is family:
+    if other is family or other.keys is None:
       continue
-    for key in other.config_keys:
-      if key in family.config_keys:
+    for key, declared in other.keys.model_fields.items():
+      if key in own:
         continue
-      if getattr(config, key) != defaults[key]:
+      if getattr(config, key) != declared.default:
         raise ConfigError(f"config key {key!r}={getattr(config, key)!r} applies to decoder_block {name!r} only; "
                           f"model {config.model_name!r} is decoder_block {config.decoder_block!r}")
   if config.num_vocab_tiling > 1 and (reason := family.cannot_chunk_logits(config)):

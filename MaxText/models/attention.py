@@ -16,7 +16,8 @@ one, e.g. ALiBi, refuses such a kernel in its own `validate`). The fused kernels
 from __future__ import annotations
 
 import importlib
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -28,7 +28,7 @@ def check_config(config) -> None:
     raise ConfigError(f"{name} needs an NVIDIA GPU with cuDNN; this machine's devices are {device.platform} "
                       f"(use attention=autoselected or dot_product)")
   try:
-    from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version  # noqa: PLC0415
+    from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version  # noqa: PLC0415 (private in JAX)
   except ImportError:  # private in JAX; if it moves, the kernel's own error at trace time remains
     check_cudnn_version = None
   if check_cudnn_version is not None:

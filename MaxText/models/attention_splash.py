@@ -19,6 +19,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
 from MaxText.errors import ConfigError
@@ -45,13 +48,10 @@ def check_config(config) -> None:
                       f"{config.max_target_length} must be a multiple of {LANES}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(heads: int, length: int, interpret: bool, mesh):
   """The splash kernel of one example: q [heads, length, E], k and v [kv heads, length, E]. Its mask tables
   are made under `mesh` (the shard_map's; None without one), whose axes their types then carry."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
   mask = sm.MultiHeadMask(masks=(sm.CausalMask(shape=(length, length)),) * heads)
   b = block_length(length)
   blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
@@ -63,8 +63,6 @@ def _kernel(heads: int, length: int, interpret: bool, mesh):
 
 def _local(q_BLHE, k_BLKE, v_BLKE, segment_BL, *, scale: float, interpret: bool, mesh=None):
   """The kernel over this shard's rows and heads (vmapped over rows)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds  # noqa: PLC0415
-
   L, H = q_BLHE.shape[1], q_BLHE.shape[2]
   kernel = _kernel(H, L, interpret, mesh)
   q_BHLE = jnp.swapaxes(q_BLHE * jnp.asarray(scale, q_BLHE.dtype), 1, 2)

@@ -21,10 +21,26 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from MaxText.config.keys import Bool, Group, Int, key
 from MaxText.errors import ConfigError
 from MaxText.models import attention, decoder, layers, parametrization, register
 from MaxText.models.layers import BLD, BLHE, BLKE
 from MaxText.parallel.sharding import constrain
+
+
+class Keys(Group):
+  """GPT (decoder_block: gpt)"""
+
+  alibi: Bool = key(False, "ALiBi: attention logits get -m_h (i - j) per head instead of a learned position table")
+  parallel_residual: Bool = key(False, "x + attn(ln x) + mlp(ln x) with one shared LayerNorm (GPT-J style)")
+  static_sgu: Bool = key(False, "half the channels mixed over time by a fixed causal band kernel, half through "
+                         "attention")
+  sgu_band_width: Int = key(128, "static_sgu: the kernel weighs distances 0 <= i - j <= this by 1/(i - j + 2)", ge=0)
+  head_qk: Bool = key(False, "head-QK: logits_i[v] += q_i.k_j / head_qk_dim for every earlier token x_j = v")
+  head_qk_dim: Int = key(256, "head_qk: width of its query and key projections of the final hidden state", gt=0)
+  qk_norm: Bool = key(False, "unit-norm queries and keys per head with a learned per-head logit scale (init 1)")
+  use_bias: Bool = key(True, "biases in the q/k/v/out and MLP projections and the LayerNorms (GPT-2); false = "
+                       "nanoGPT's bias=False")
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -182,8 +198,7 @@ class Block(nnx.Module):
 class GPT(decoder.Decoder):
   """Embedding (+ positions) -> N GPT blocks (scanned or unrolled) -> LayerNorm -> logits (+ head-QK)."""
 
-  config_keys = ("alibi", "parallel_residual", "static_sgu", "sgu_band_width", "head_qk", "head_qk_dim", "qk_norm",
-                 "use_bias")
+  keys = Keys
   Block = Block
   Norm = layers.LayerNorm
 
@@ -275,10 +290,6 @@ class GPT(decoder.Decoder):
       if config.head_dim % 2:
         raise ConfigError(f"config key 'static_sgu' halves each attention head: head_dim={config.head_dim} "
                           f"must be even")
-    if config.sgu_band_width < 0:
-      raise ConfigError(f"config key 'sgu_band_width' must not be negative, got {config.sgu_band_width}")
-    if config.head_qk_dim <= 0:
-      raise ConfigError(f"config key 'head_qk_dim' must be positive, got {config.head_qk_dim}")
     if config.alibi and not attention.accepts_bias(config.attention):
       raise ConfigError(f"alibi adds a bias to the attention scores, which attention={config.attention!r} cannot "
                         f"take; use attention=dot_product, autoselected or cudnn_flash")

@@ -11,7 +11,8 @@ An HF setting this model cannot express is a one-line ConfigError naming the HF 
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -18,7 +18,8 @@ leaves every score unchanged, so no weight is permuted.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -4,9 +4,11 @@ Shape letters in names (x_BLD, w_DF, ...), used across models/:
   B batch              L query length          S key length (cache slots)
   D model width        H query heads           K key/value heads        G query heads per kv head (H/K)
   E head dim           F MLP width             V vocabulary             N layers
+  A all tokens of a batch, flattened (B x L)   T tokens of a sequence (VQ's whole length; a flat run of tokens)
   U static-SGU channels (D/2, GPT)             R head-QK width (GPT)
   C dense streams (MUDD)  J dense sources (MUDD)  M dense-weight generator width (MUDD)
-  X blocks of L tokens (VQ)  Z codebook entries (VQ)  W relative-position window (VQ)  T tokens
+  X blocks of L tokens (VQ)  Z codebook entries (VQ)  W relative-position window (VQ)
+An activation's logical axis names (its sharding) follow from its letters: `axes("BLD")`, from AXES below.
 
 Every parameter is made by `param`, which records its logical axis names (the only sharding vocabulary;
 `sharding.py` maps them to mesh axes) and its role (embedding, hidden, readout, gain, bias), from which a
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +34,18 @@ from MaxText.errors import ConfigError
 from MaxText.parallel.sharding import constrain
 from MaxText.registry import Registry
 
-BLD = ("activation_batch", "activation_length", "activation_embed")
-BLHE = ("activation_batch", "activation_length", "activation_heads", None)
-BLKE = ("activation_batch", "activation_length", "activation_kv_heads", None)
-DT = ("activation_embed", "activation_batch")
-FT = ("activation_mlp", "activation_batch")
-BLV = ("activation_batch", "activation_length", "activation_vocab")
+# The logical axis of an activation dimension, by shape letter; the letters not listed are never sharded.
+AXES = {"B": "activation_batch", "A": "activation_batch", "L": "activation_length", "T": "activation_length",
+        "D": "activation_embed", "H": "activation_heads", "K": "activation_kv_heads", "F": "activation_mlp",
+        "V": "activation_vocab"}
+
+
+def axes(shape: str) -> tuple[str | None, ...]:
+  """The logical axis names of an activation named by its shape letters: axes("BLD") for x_BLD."""
+  return tuple(AXES.get(letter) for letter in shape)
+
+
+BLD, BLHE, BLKE, BLV = axes("BLD"), axes("BLHE"), axes("BLKE"), axes("BLV")
 
 # "codebook": running statistics (VQ k-means sums and counts) moved by their own surrogate loss, whose
 # gradient is their whole update (optimizers.STATISTICS_ROLES): no Adam, decay, clipping or 1/tokens.
@@ -170,7 +179,7 @@ _normalize.defvjp(_normalize_forward, _normalize_backward)
 
 # RoPE frequency rules (`rope_type`): config, head dim -> float32 [E/2] inverse frequencies, or None for the
 # plain base^(-2k/E), which `rope` computes in the graph itself.
-ROPE_TYPES: Registry[Callable[[Any, int], "np.ndarray | None"]] = Registry("rope_type", "RoPE type")
+ROPE_TYPES: Registry[Callable[[Any, int], np.ndarray | None]] = Registry("rope_type", "RoPE type")
 
 
 def rope_base_frequencies(base: float, head_dim: int) -> np.ndarray:
@@ -202,7 +211,7 @@ def rope_llama3(config, head_dim: int) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_frequencies(config, head_dim: int) -> "np.ndarray | None":
+def rope_frequencies(config, head_dim: int) -> np.ndarray | None:
   """The inverse frequencies of `config`'s rope_type (None: the default base^(-2k/E))."""
   return ROPE_TYPES.get(config.rope_type)(config, head_dim)
 
@@ -267,26 +276,26 @@ class MLP(nnx.Module):
       self.bo = param(rngs, zeros, (dim,), ("embed",), role="bias", dtype=weight_dtype)
 
   def __call__(self, x_BLD: jax.Array, stats: dict | None = None) -> jax.Array:
-    # Computed feature-major on T = B*L tokens: h_FT = act(w_FD @ x_DT), out_DT = w_DF @ h_FT. The math is
+    # Computed feature-major on A = B*L tokens: h_FA = act(w_FD @ x_DA), out_DA = w_DF @ h_FA. The math is
     # the plain MLP's, but with the tokens minor, XLA's CPU backend transposes only the small D-wide
     # tensors; token-major, it transposes the F-wide gradient with the activation's derivative fused in
     # and evaluated in strided order, which made the whole train step 1.3x slower.
     B, L, D = x_BLD.shape
-    x_DT = constrain(x_BLD.reshape(B * L, D).T, DT)
-    h_FT = None
+    x_DA = constrain(x_BLD.reshape(B * L, D).T, axes("DA"))
+    h_FA = None
     for i, name in enumerate(self.activations):
-      a_FT = getattr(self, f"wi_{i}")[...].astype(self.dtype) @ x_DT
+      a_FA = getattr(self, f"wi_{i}")[...].astype(self.dtype) @ x_DA
       if self.use_bias:
-        a_FT = a_FT + getattr(self, f"bi_{i}")[...].astype(self.dtype)[:, None]
-      a_FT = ACTIVATIONS.get(name)(a_FT)
-      h_FT = a_FT if h_FT is None else h_FT * a_FT
-    h_FT = constrain(h_FT, FT)
+        a_FA = a_FA + getattr(self, f"bi_{i}")[...].astype(self.dtype)[:, None]
+      a_FA = ACTIVATIONS.get(name)(a_FA)
+      h_FA = a_FA if h_FA is None else h_FA * a_FA
+    h_FA = constrain(h_FA, axes("FA"))
     if stats is not None:
-      stats["mlp_hidden"] = mean_abs(h_FT)
-    out_DT = self.wo[...].astype(self.dtype) @ h_FT
+      stats["mlp_hidden"] = mean_abs(h_FA)
+    out_DA = self.wo[...].astype(self.dtype) @ h_FA
     if self.use_bias:
-      out_DT = out_DT + self.bo[...].astype(self.dtype)[:, None]
-    return out_DT.T.reshape(B, L, D)
+      out_DA = out_DA + self.bo[...].astype(self.dtype)[:, None]
+    return out_DA.T.reshape(B, L, D)
 
 
 def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -320,7 +329,7 @@ def _einsum_f32_backward(spec, residuals, ct):
 _einsum_f32.defvjp(_einsum_f32_forward, _einsum_f32_backward)
 
 
-def output_logits(x_BLD: jax.Array, embed: "Embed", unembed_VD, multiplier: float = 1.0) -> jax.Array:
+def output_logits(x_BLD: jax.Array, embed: Embed, unembed_VD, multiplier: float = 1.0) -> jax.Array:
   """float32 logits through the tied embedding table (`unembed_VD` None) or an untied [vocab, embed] matrix."""
   if unembed_VD is None:
     logits_BLV = embed.attend(x_BLD)

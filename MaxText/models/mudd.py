@@ -16,10 +16,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from MaxText.config.keys import Bool, Int, Str, key
 from MaxText.errors import ConfigError
 from MaxText.models import decoder, hf_mudd, layers, mudd_dense, register, transformer_pp
 from MaxText.models.layers import BLD
 from MaxText.parallel.sharding import constrain
+
+
+class Keys(transformer_pp.Keys):
+  """MUDD (decoder_block: mudd, docs/mudd.md)"""
+
+  mudd_streams: Str = key("q,k,v,r", "comma-separated groups of block inputs (q, k, v, r), one dense aggregate each; "
+                          "inputs in no group read the previous layer's output; \"\" = no dense connections")
+  mudd_dynamic: Bool = key(True, "per-position weights GELU(RMSNorm(X) W1) W2 + static bias; false: the bias alone")
+  mudd_prepostnorm: Bool = key(False, "RMSNorm each aggregated state, add the aggregate to the layer output, "
+                               "post-norm (scale 1e-3) the residual stream's")
+  mudd_last_layer_hidden_expand: Int = key(4, "the last layer's generator (residual stream only) is this much wider",
+                                           gt=0)
+  mlp_dim_scale_with_depth: Bool = key(False, "MLP width 0.5x to 1.5x base_mlp_dim over depth, rounded to 128")
+  mlp_dim_scale_exact_total: Bool = key(True, "mlp_dim_scale_with_depth: the widths must sum to N x base_mlp_dim; "
+                                        "false takes them as rounded (the MUDDFormer release)")
+  mudd_generator_activation: Str = key("gelu", "activation of the weight generator: gelu (tanh form, the JAX "
+                                       "reference) | gelu_exact (erf, the PyTorch release) | any MLP activation")
+  mudd_generator_round64: Bool = key(True, "generator width (C*J*expand // 64 + 1) * 64; false keeps C*J*expand")
+  mudd_layer0_shared_norm: Bool = key(False, "layer 0 (whose q, k, v inputs are all the embedding) has one "
+                                      "pre-attention norm, not three (the release)")
 
 
 class Layer(nnx.Module):
@@ -66,10 +87,8 @@ class MUDDFormer(decoder.Decoder):
   [C_i, i + 2] (static), for inspection; training never reads them.
   """
 
-  config_keys = ("mudd_streams", "mudd_dynamic", "mudd_prepostnorm", "mudd_last_layer_hidden_expand",
-                 "mlp_dim_scale_with_depth", "mlp_dim_scale_exact_total", "mudd_generator_activation",
-                 "mudd_generator_round64", "mudd_layer0_shared_norm") + transformer_pp.TransformerPP.config_keys
-  hf_model_type = hf_mudd.MODEL_TYPE
+  keys = Keys
+  hf = hf_mudd  # the released PyTorch MUDDFormer's checkpoints
 
   def make_inputs(self, rngs: nnx.Rngs) -> None:
     # The normalised copy of the embedding (X_0) that the pre/post-norm variant aggregates.
@@ -85,7 +104,7 @@ class MUDDFormer(decoder.Decoder):
     # and would pay a compile per layer.
     traced = isinstance(rngs.params.key[...], jax.core.Tracer)
     for i, mlp_dim in enumerate(mudd_dense.mlp_widths(self.config)):  # string keys, so Orbax sees a plain dict
-      make = lambda r, i=i, f=mlp_dim: Layer(self.config, i, f, rngs=r)  # noqa: E731
+      make = lambda r, i=i, f=mlp_dim: Layer(self.config, i, f, rngs=r)
       setattr(self, f"layer_{i}", nnx.jit(make)(rngs) if traced else make(rngs))
 
   def run_layers(self, x_BLD, positions_BL, segment_ids_BL, layer_cache, key_segment_BS, record: bool):
@@ -140,9 +159,6 @@ class MUDDFormer(decoder.Decoder):
     if config.mudd_generator_activation not in layers.ACTIVATIONS:
       raise ConfigError(f"config key 'mudd_generator_activation' must be one of {', '.join(layers.ACTIVATIONS.names())}, "
                         f"got {config.mudd_generator_activation!r}")
-    if config.mudd_last_layer_hidden_expand < 1:
-      raise ConfigError(f"config key 'mudd_last_layer_hidden_expand' must be >= 1, got "
-                        f"{config.mudd_last_layer_hidden_expand}")
     mudd_dense.mlp_widths(config)
 
   @staticmethod
@@ -158,20 +174,3 @@ class MUDDFormer(decoder.Decoder):
         C, M = len(mudd_dense.layer_groups(config, i)), mudd_dense.generator_width(config, i)
         matmul += (D * M + M * C * (i + 2)) if C else 0
     return decoder.training_flops(config, matmul) + 6 * mudd_dense.mixing_macs_per_token(config)
-
-  # The released PyTorch MUDDFormer's checkpoints: the mapping is models/hf_mudd.py's.
-  @classmethod
-  def config_from_hf(cls, hf_config):
-    return hf_mudd.config_from_hf(hf_config)
-
-  @classmethod
-  def hf_config(cls, config):
-    return hf_mudd.hf_config(config)
-
-  @classmethod
-  def from_hf(cls, config, tensors):
-    return hf_mudd.from_hf(config, tensors)
-
-  @classmethod
-  def to_hf(cls, config, params):
-    return hf_mudd.to_hf(config, params)

@@ -21,7 +21,6 @@ from MaxText.models.layers import BLD
 from MaxText.parallel.sharding import constrain
 
 STREAMS = "qkvr"  # query, key, value and residual inputs of a block
-BLCJ = ("activation_batch", "activation_length", None, None)
 GENERATOR_ROUND = 64  # generator widths round as the reference: (n // 64 + 1) * 64, so 64 becomes 128
 MLP_ROUND = 128
 POST_NORM_SCALE = 1e-3  # the post-norm starts nearly closed, so the residual stream starts as X_{i+1}
@@ -132,7 +131,7 @@ class DenseConnection(nnx.Module):
       return bias_CJ
     h_BLM = self.activation(jnp.einsum("bld,dm->blm", self.generator_norm(x_BLD), self.w1[...].astype(dt)))
     w_BLCJ = jnp.einsum("blm,mcj->blcj", h_BLM, self.w2[...].astype(dt)) + bias_CJ
-    return constrain(w_BLCJ, BLCJ)
+    return constrain(w_BLCJ, layers.axes("BLCJ"))
 
   def source(self, x_BLD: jax.Array) -> jax.Array:
     """The copy of a layer output that later layers aggregate (normalised with the pre/post norms)."""

@@ -8,14 +8,35 @@ the attention scale and the output multiplier, and tags the query projection.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from MaxText.config.keys import Bool, Float, Group, Int, Str, key
 from MaxText.errors import ConfigError
 from MaxText.models import attention, decoder, hf_llama, layers, parametrization, register
 from MaxText.models.layers import BLD, BLHE, BLKE
 from MaxText.parallel.sharding import constrain
+
+
+class Keys(Group):
+  """Transformer++ (decoder_block: llama2; MUDD reads them too)"""
+
+  rope_type: Str = key("default", "RoPE frequencies: default base^(-2k/E) | llama3 (Llama 3.1 scaling, the rope_* "
+                       "keys below)", registry=True)
+  rope_scaling_factor: Float = key(8.0, "llama3: long wavelengths are divided by this", gt=0)
+  rope_low_freq_factor: Float = key(1.0, "llama3: wavelengths above rope_original_max_position / this are scaled "
+                                    "fully", gt=0)
+  rope_high_freq_factor: Float = key(4.0, "llama3: wavelengths below rope_original_max_position / this are kept; "
+                                     "between, interpolated", gt=0)
+  rope_original_max_position: Int = key(8192, "llama3: the context length the model was first trained at", gt=0)
+  rope_table_dtype: Literal["float32", "bfloat16"] = key(
+      "float32", "bfloat16 rounds the cos/sin tables to bfloat16 before the float32 rotation (the MUDDFormer "
+      "release)")
+  qk_rmsnorm: Bool = key(False, "RMSNorm over head_dim, one [head_dim] gain shared by all heads, on queries and keys "
+                         "before RoPE")
 
 
 class Attention(nnx.Module):
@@ -105,10 +126,8 @@ class TransformerPP(decoder.Decoder):
   """Embedding -> N pre-norm decoder layers (scanned or unrolled) -> RMSNorm -> vocabulary logits."""
 
   Block = DecoderLayer
-  # Keys that Transformer++ and MUDD (whose blocks use this file's Attention) read, and no other family.
-  config_keys = ("rope_type", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                 "rope_original_max_position", "rope_table_dtype", "qk_rmsnorm")
-  hf_model_type = hf_llama.MODEL_TYPE
+  keys = Keys
+  hf = hf_llama  # Hugging Face LlamaForCausalLM checkpoints
 
   @classmethod
   def validate(cls, config) -> None:
@@ -121,20 +140,3 @@ class TransformerPP(decoder.Decoder):
     per_layer = (decoder.attention_macs(D, config.base_num_query_heads, config.base_num_kv_heads, config.head_dim)
                  + decoder.mlp_macs(D, F, len(config.mlp_activations)))
     return decoder.training_flops(config, config.base_num_decoder_layers * per_layer)
-
-  # Hugging Face LlamaForCausalLM checkpoints: the mapping is models/hf_llama.py's.
-  @classmethod
-  def config_from_hf(cls, hf_config):
-    return hf_llama.config_from_hf(hf_config)
-
-  @classmethod
-  def hf_config(cls, config):
-    return hf_llama.hf_config(config)
-
-  @classmethod
-  def from_hf(cls, config, tensors):
-    return hf_llama.from_hf(config, tensors)
-
-  @classmethod
-  def to_hf(cls, config, params):
-    return hf_llama.to_hf(config, params)

@@ -18,14 +18,33 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from MaxText.config.keys import Bool, Float, Group, Int, key
 from MaxText.errors import ConfigError
 from MaxText.models import ModelFamily, decoder, layers, parametrization, register
 from MaxText.models import vq_attention as vqa
 from MaxText.models.layers import BLD, BLV
 from MaxText.parallel.sharding import constrain
 
-BLF = ("activation_batch", "activation_length", "activation_mlp")
 
+class Keys(Group):
+  """Transformer-VQ (decoder_block: transformer_vq, docs/transformer_vq.md)"""
+
+  vq_num_codes: Int = key(512, "codebook entries per attention unit (each of the 2 x base_num_decoder_layers units "
+                          "has its own)", gt=0)
+  vq_block_length: Int = key(512, "tokens per attention block: a block sees itself and the blocks covering vq_window "
+                             "before it key by key, older keys through the codebook cache", gt=0)
+  vq_window: Int = key(0, "relative-position bias reaches this many keys back (the decode cache keeps them "
+                       "explicit); 0 = vq_block_length", ge=0)
+  vq_value_dim: Int = key(0, "value and gate width d_v (d_k is head_dim); 0 = 2 x base_emb_dim", ge=0)
+  vq_commit_weight: Float = key(1.0e-4, "beta: weight of the commitment loss |k - sg(codeword)|^2, summed over the "
+                                "units", ge=0)
+  vq_ema_decay: Float = key(0.99, "gamma: per optimizer step, codebook = gamma x codebook + (1 - gamma) x the step's "
+                            "batch statistics", ge=0, lt=1)
+  vq_pe_wavelength: Float = key(100000.0, "longest wavelength of the sinusoids behind the relative-position bias",
+                                gt=0)
+  vq_final_norm: Bool = key(False, "RMS-normalise (no gain) the last activations before the output projection")
+  vq_logits_scale: Float = key(1.0, "multiply the last activations by this before the output projection (PG-19: "
+                               "0.005)", gt=0)
 
 def dims(config) -> tuple[int, int, int, int, int]:
   """(D, E = d_k, F = d_v, Z codes, W bias window)."""
@@ -74,8 +93,8 @@ class GatedAttentionUnit(nnx.Module):
     x_BTD = self.rms(x_BTD)
     q_BTE = self.rms(jnp.einsum("btd,de->bte", x_BTD, self.wq[...].astype(dt))) * tau
     k_BTE = self.rms(jnp.einsum("btd,de->bte", x_BTD, self.wk[...].astype(dt))) * tau
-    v_BTF = constrain(jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, self.wv[...].astype(dt))), BLF)
-    g_BTF = constrain(jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, self.wg[...].astype(dt))), BLF)
+    v_BTF = constrain(jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, self.wv[...].astype(dt))), layers.axes("BTF"))
+    g_BTF = constrain(jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, self.wg[...].astype(dt))), layers.axes("BTF"))
 
     codebook_ZE = vqa.codebook(self.codebook_sum[...], self.codebook_count[...])
     z_BT, k_hat_BTE, err_BT = vqa.quantize(k_BTE, codebook_ZE)
@@ -96,8 +115,7 @@ class GatedAttentionUnit(nnx.Module):
 class TransformerVQ(ModelFamily):
   """Embedding -> 2N gated attention units (scanned or unrolled) -> [rms] -> x scale -> vocabulary logits."""
 
-  config_keys = ("vq_num_codes", "vq_block_length", "vq_window", "vq_value_dim", "vq_commit_weight", "vq_ema_decay",
-                 "vq_pe_wavelength", "vq_final_norm", "vq_logits_scale")
+  keys = Keys
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config
@@ -220,14 +238,6 @@ class TransformerVQ(ModelFamily):
                         "and base_num_kv_heads=1 (head_dim is d_k)")
     if D % 2:
       raise ConfigError(f"base_emb_dim={D} must be even for the sinusoidal relative positions of transformer_vq")
-    for key in ("vq_num_codes", "vq_block_length", "vq_pe_wavelength", "vq_logits_scale"):
-      if not getattr(config, key) > 0:
-        raise ConfigError(f"config key {key!r} must be positive, got {getattr(config, key)}")
-    for key in ("vq_window", "vq_value_dim", "vq_commit_weight"):
-      if getattr(config, key) < 0:
-        raise ConfigError(f"config key {key!r} must not be negative, got {getattr(config, key)}")
-    if not 0.0 <= config.vq_ema_decay < 1.0:
-      raise ConfigError(f"config key 'vq_ema_decay' must lie in [0, 1), got {config.vq_ema_decay}")
 
   @staticmethod
   def flops_per_token(config) -> float:

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from MaxText.models.attention import MASK_VALUE
+from MaxText.models.layers import axes
 from MaxText.parallel.sharding import constrain
 
-BXLF = ("activation_batch", None, None, "activation_mlp")
-BXZF = ("activation_batch", None, None, "activation_mlp")
+BXLF, BXZF = axes("BXLF"), axes("BXZF")
 
 
 def sg(x):

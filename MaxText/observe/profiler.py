@@ -11,7 +11,10 @@ stopping waits for the window's last step to finish, so its device work is in th
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+import jax
 
 
 class Profiler:
@@ -28,8 +31,6 @@ class Profiler:
   def maybe_start(self, step: int) -> None:
     """Before running step `step + 1` (`step` steps are done)."""
     if self.enabled and not self.active and step == self.start:
-      import jax  # noqa: PLC0415
-
       jax.profiler.start_trace(self.folder)
       self.active = True
       self.log(f"profiling steps {self.start + 1}..{self.stop} into {self.folder}")
@@ -37,8 +38,6 @@ class Profiler:
   def maybe_stop(self, step: int, outputs: Any = None) -> None:
     """After dispatching a step (`step` steps are done); `outputs` are its results, waited for."""
     if self.active and step >= self.stop:
-      import jax  # noqa: PLC0415
-
       jax.block_until_ready(outputs)
       self.close()
 
@@ -46,8 +45,6 @@ class Profiler:
     """End the trace if one is running (the run ended or failed inside the window). Called from the
     loop's `finally`, so a failure to write the trace is logged rather than hiding the run's own error."""
     if self.active:
-      import jax  # noqa: PLC0415
-
       self.active = False
       try:
         jax.profiler.stop_trace()

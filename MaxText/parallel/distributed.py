@@ -7,7 +7,10 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+import jax
 
 
 def cluster_detected(env: Mapping[str, str] | None = None) -> bool:
@@ -76,7 +79,6 @@ def skip_absent_tpu(env: Mapping[str, str] | None = None) -> bool:
   env = os.environ if env is None else env
   if env.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
     return False
-  import jax  # noqa: PLC0415
 
   if jax.config.jax_platforms or importlib.metadata.entry_points(group="jax_plugins"):
     return False
@@ -93,8 +95,6 @@ def skip_absent_tpu(env: Mapping[str, str] | None = None) -> bool:
 
 def initialize(values: Mapping[str, Any]) -> None:
   """Call jax.distributed.initialize once, before any JAX computation, when the config asks for it."""
-  import jax  # noqa: PLC0415
-
   if jax.distributed.is_initialized():
     return
   skip_absent_tpu()
@@ -113,8 +113,6 @@ def initialize(values: Mapping[str, Any]) -> None:
 
 def num_slices() -> int:
   """Groups of devices joined by the slow network: TPU slices when devices say so, else processes."""
-  import jax  # noqa: PLC0415
-
   devices = jax.devices()
   if devices[0].platform == "tpu":  # only TPU slice indices describe the data-centre network
     return len({getattr(d, "slice_index", 0) for d in devices})

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -75,7 +75,7 @@ def _human(n: float) -> str:
 
 def _table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
   widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-  line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+  line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
   return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, body)])
 
 

@@ -10,7 +10,10 @@ Pure Python apart from `devices`, so launchers may import it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+
+from jax.experimental import topologies
 
 from MaxText.errors import ConfigError
 
@@ -110,10 +113,6 @@ def parse(name: str, what: str = "compile_topology") -> Slice:
 
 def devices(name: str, num_slices: int = 1) -> list:
   """The compile-only JAX devices of `num_slices` slices `name` (one per chip), from libtpu on any host."""
-  import os  # noqa: PLC0415
-
-  from jax.experimental import topologies  # noqa: PLC0415
-
   # libtpu takes a host-wide lock file when it loads, meant for the chips; a topology description claims
   # no chip, so concurrent compiles (and a TPU VM's own training run) must not exclude each other.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

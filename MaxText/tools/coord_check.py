@@ -22,14 +22,14 @@ import math
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from MaxText.tools import mup_runs  # noqa: E402
+from MaxText.tools import mup_runs
 
 PARAMETRIZATIONS = ("sp", "mup")
 # The slope of log mean|activation| against log width that counts as growing with width. An update that
@@ -119,12 +119,10 @@ def table(widths, all_slopes: dict) -> str:
 
 
 def plot(widths, records: dict, all_slopes: dict, parametrization: str, threshold: float, path: str) -> None:
-  import matplotlib  # noqa: PLC0415
-
+  import matplotlib  # noqa: PLC0415 (optional: the plots extra)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-  import matplotlib.ticker  # noqa: PLC0415
-
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: the plots extra)
+  import matplotlib.ticker  # noqa: PLC0415 (optional: the plots extra)
   by_width = records[parametrization]
   sites = [s for s in SITES if s in by_width[str(widths[0])]]
   steps = len(by_width[str(widths[0])][sites[0]])

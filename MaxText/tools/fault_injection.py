@@ -33,9 +33,15 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from MaxText import pyconfig  # noqa: E402
-from MaxText.errors import ConfigError  # noqa: E402
-from MaxText.training import faults  # noqa: E402
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from MaxText import startup
+from MaxText.checkpoint import integrity
+from MaxText.config import loader
+from MaxText.errors import ConfigError
+from MaxText.training import faults
 
 DEFAULTS = ["base_emb_dim=32", "base_num_decoder_layers=2", "base_num_query_heads=2", "base_num_kv_heads=2",
             "base_mlp_dim=64", "vocab_size=128", "max_target_length=16", "per_device_batch_size=2", "steps=12",
@@ -48,7 +54,7 @@ TIMING = ("tokens_per_s", "tflops_per_device", "mfu", "step_time")
 def _argv(workdir: Path, run_name: str, overrides: list[str]) -> list[str]:
   keys = {o.split("=", 1)[0] for o in overrides}
   base = [d for d in DEFAULTS if d.split("=", 1)[0] not in keys]
-  return [sys.executable, str(ROOT / "MaxText/train.py"), str(pyconfig.BASE_CONFIG), *base, *overrides,
+  return [sys.executable, str(ROOT / "MaxText/train.py"), str(loader.BASE_CONFIG), *base, *overrides,
           f"base_output_directory={workdir}", f"run_name={run_name}"]
 
 
@@ -90,12 +96,6 @@ def choose_point(rng: random.Random, turn: int, after: int, values: dict, max_de
 
 def load_state(step_dir: Path) -> dict:
   """{path: numpy array} of a checkpoint's train state, read without a model."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  from MaxText.checkpoint import integrity  # noqa: PLC0415
-
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     tree = ocp.PyTreeCheckpointer().restore(str(step_dir / "state"))
@@ -116,8 +116,6 @@ def metric_rows(run_dir: Path) -> dict[tuple[int, str], list[dict]]:
 
 def compare(reference: Path, faulted: Path, steps: int) -> list[str]:
   """The differences between the two runs' final states and metrics (empty when they agree)."""
-  import numpy as np  # noqa: PLC0415
-
   problems = []
   if steps not in committed_steps(faulted):
     return [f"the faulted run has no checkpoint of step {steps}"]
@@ -147,7 +145,7 @@ def compare(reference: Path, faulted: Path, steps: int) -> list[str]:
 def run(kills: int, seed: int, workdir: Path, overrides: list[str], max_delay: float = 0.5,
         timeout: float = 600.0, progress=print) -> dict:
   """Reference and faulted runs in `workdir`; returns the report (`ok`, `kills`, `problems`)."""
-  values = pyconfig.load([None, str(pyconfig.BASE_CONFIG), *[d for d in DEFAULTS
+  values = loader.load([None, str(loader.BASE_CONFIG), *[d for d in DEFAULTS
                           if d.split("=", 1)[0] not in {o.split("=", 1)[0] for o in overrides}], *overrides], env={})
   workdir.mkdir(parents=True, exist_ok=True)
   rng = random.Random(seed)
@@ -193,6 +191,7 @@ def run(kills: int, seed: int, workdir: Path, overrides: list[str], max_delay: f
   return report
 
 
+@startup.cli
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,13 +202,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("overrides", nargs="*", help="key=value for both runs")
   args = parser.parse_args(argv)
   workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fault-injection-")).resolve()
-  try:
-    if args.kills < 1 or args.max_delay < 0:
-      raise ConfigError("--kills must be at least 1 and --max-delay not negative")
-    report = run(args.kills, args.seed, workdir, args.overrides, max_delay=args.max_delay)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.kills < 1 or args.max_delay < 0:
+    raise ConfigError("--kills must be at least 1 and --max-delay not negative")
+  report = run(args.kills, args.seed, workdir, args.overrides, max_delay=args.max_delay)
   print(f"{report['landed']} kills landed; final state {'identical to' if report['ok'] else 'DIFFERENT from'} "
         f"the uninterrupted run's ({report['seconds']} s); report: {workdir / 'report.json'}")
   for problem in report["problems"]:
@@ -218,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

@@ -18,16 +18,17 @@ import sys
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import jax  # noqa: E402
+import jax
 
-from MaxText import models, pyconfig, startup  # noqa: E402
-from MaxText.training import train_state  # noqa: E402
+from MaxText import models, startup
+from MaxText.config import loader
+from MaxText.training import train_state
 
 CONNECTION = ("w1", "w2", "bias", "generator_norm")
 
 
 def config_of(name: str):
-  return startup.load_config([None, str(pyconfig.BASE_CONFIG), f"model_name={name}", "num_devices=1",
+  return startup.load_config([None, str(loader.BASE_CONFIG), f"model_name={name}", "num_devices=1",
                               "per_device_batch_size=1"], env={})
 
 
@@ -51,7 +52,7 @@ def count(name: str) -> dict:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  names = [n for n in pyconfig.preset_names() if n.startswith("MUDD")]
+  names = [n for n in loader.preset_names() if n.startswith("MUDD")]
   parser.add_argument("--models", default=",".join(names))
   args = parser.parse_args()
   rows = [count(n) for n in args.models.split(",")]

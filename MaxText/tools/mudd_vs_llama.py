@@ -22,9 +22,11 @@ import time
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from MaxText import pyconfig, startup, train  # noqa: E402
+from MaxText import startup, train
+from MaxText.config import loader
+from MaxText.training import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = ("Llama2Tiny", "MUDDLlama2Tiny")
@@ -41,7 +43,7 @@ def run_one(model: str, seed: int, args) -> dict:
       return json.load(f)
   shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
   config = startup.load_config(
-      [None, str(pyconfig.BASE_CONFIG), f"model_name={model}", f"run_name={run_name}",
+      [None, str(loader.BASE_CONFIG), f"model_name={model}", f"run_name={run_name}",
        f"base_output_directory={args.out}", f"steps={args.steps}", f"log_period={args.log_period}",
        f"eval_interval={args.steps}", f"eval_steps={args.eval_batches}", f"init_weights_seed={seed}",
        f"data_shuffle_seed={seed}", "enable_checkpointing=false", "num_devices=1", *args.overrides], env={})
@@ -59,7 +61,6 @@ def run_one(model: str, seed: int, args) -> dict:
          "eval_loss": result["eval_loss"], "eval_tokens": result["eval_tokens"],
          "eval_bits_per_byte": result.get("eval_bits_per_byte"),
          "curve": [{"step": s, "loss": loss, "tokens_per_s": tps} for s, loss, tps in curve]}
-  from MaxText.training import train_state  # noqa: PLC0415
 
   out["params"] = train_state.model_spec(config).num_params
   with open(done, "w") as f:
@@ -76,11 +77,9 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot(runs: list[dict], path: str, window: int) -> None:
-  import matplotlib  # noqa: PLC0415
-
+  import matplotlib  # noqa: PLC0415 (optional: the plots extra)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: the plots extra)
   fig, (ax, bar) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
   colors = {"Llama2Tiny": "tab:blue", "MUDDLlama2Tiny": "tab:red"}
   for model in MODELS:
@@ -137,10 +136,10 @@ def main() -> int:
   for seed, pair in sorted(by_seed.items()):
     twin, mudd = pair["Llama2Tiny"], pair["MUDDLlama2Tiny"]
     deltas.append(mudd["eval_loss"] - twin["eval_loss"])
-    rate = lambda r: np.median([p["tokens_per_s"] for p in r["curve"][1:]])  # noqa: E731 (first log has the compile)
+    rate = lambda r: np.median([p["tokens_per_s"] for p in r["curve"][1:]])
     lines.append(f"| {seed} | {twin['eval_loss']:.4f} | {mudd['eval_loss']:.4f} | {deltas[-1]:+.4f} | "
                  f"{rate(twin):,.0f} | {rate(mudd):,.0f} |")
-  mean = lambda m: np.mean([r["eval_loss"] for r in runs if r["model"] == m])  # noqa: E731
+  mean = lambda m: np.mean([r["eval_loss"] for r in runs if r["model"] == m])
   lines.append(f"| mean | {mean('Llama2Tiny'):.4f} | {mean('MUDDLlama2Tiny'):.4f} | {np.mean(deltas):+.4f} "
                f"(seeds {sum(d < 0 for d in deltas)}/{len(deltas)} better) | | |")
   print("\n".join(lines))

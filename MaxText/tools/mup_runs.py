@@ -14,15 +14,17 @@ import sys
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import dataclasses  # noqa: E402
-import tempfile  # noqa: E402
+import tempfile
+from typing import Any
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from MaxText import input_pipeline, pyconfig, startup, train  # noqa: E402
-from MaxText.parallel import sharding  # noqa: E402
-from MaxText.training import train_state, train_step  # noqa: E402
+from MaxText import input_pipeline, startup
+from MaxText.config import loader
+from MaxText.parallel import sharding
+from MaxText.training import train_state, train_step
+from MaxText.training.run import Run
 
 RESULTS_DIR = os.path.join("benchmarks", "results")
 ASSETS_DIR = "assets"
@@ -43,13 +45,13 @@ def fetch_batches(config, split: str, count: int) -> list[dict]:
   return [next(data) for _ in range(count)]
 
 
-def ladder_config(width: int, parametrization: str, *args: str, **overrides) -> pyconfig.Config:
+def ladder_config(width: int, parametrization: str, *args: str, **overrides) -> Any:
   """The MuTransformerW<width> preset under `parametrization` (then `key=value` args, then keyword
   overrides), without checkpoints or TensorBoard."""
   values = dict(run_name=f"mup_{parametrization}_w{width}", parametrization=parametrization,
                 enable_checkpointing=False, enable_tensorboard=False, num_devices=1)
   values.update(overrides)
-  return startup.load_config([None, str(pyconfig.BASE_CONFIG), *args], env={},
+  return startup.load_config([None, str(loader.BASE_CONFIG), *args], env={},
                              model_name=f"MuTransformerW{width}", **values)
 
 
@@ -59,7 +61,7 @@ class WidthRun:
   def __init__(self, config):
     self.config = config
     # The step trains the plain model; only the extra forward pass below records activations.
-    self.run = train.Run(dataclasses.replace(config, record_activations=False))
+    self.run = Run(config.replace(record_activations=False))
     self._recording = train_state.model_spec(config) if config.record_activations else None
     self._mesh = sharding.use_mesh(self.run.mesh, self.run.rules)
 

@@ -27,10 +27,10 @@ import time
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from MaxText.tools import mup_runs  # noqa: E402
+from MaxText.tools import mup_runs
 
 PARAMETRIZATIONS = ("sp", "mup")
 
@@ -140,11 +140,9 @@ def loss_table(runs: dict, widths, lrs) -> str:
 
 
 def plot(runs: dict, widths, lrs, summary: dict, assets: str, seeds) -> None:
-  import matplotlib  # noqa: PLC0415
-
+  import matplotlib  # noqa: PLC0415 (optional: the plots extra)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: the plots extra)
   present = [p for p in PARAMETRIZATIONS if p in summary]
   colors = plt.cm.plasma(np.linspace(0.1, 0.8, len(widths)))
   fig, axes = plt.subplots(1, len(present), figsize=(5.2 * len(present), 4.0), squeeze=False, sharey=True)

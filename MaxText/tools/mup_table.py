@@ -14,10 +14,9 @@ import sys
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from MaxText import startup  # noqa: E402
-from MaxText.errors import ConfigError  # noqa: E402
-from MaxText.models import parametrization  # noqa: E402
-from MaxText.training import train_state  # noqa: E402
+from MaxText import startup
+from MaxText.models import parametrization
+from MaxText.training import train_state
 
 
 def render(config) -> str:
@@ -37,16 +36,12 @@ def render(config) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  try:
-    config = startup.load_config(argv, num_devices=1, per_device_batch_size=1.0)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+@startup.cli(usage=__doc__)
+def main(argv: list[str]) -> int:
+  config = startup.load_config(argv, num_devices=1, per_device_batch_size=1.0)
   print(render(config))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

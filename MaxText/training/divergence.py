@@ -61,7 +61,7 @@ class Guard:
     self.record = _empty()
 
   @classmethod
-  def from_config(cls, config) -> "Guard":
+  def from_config(cls, config) -> Guard:
     return cls(config.nan_policy, config.max_consecutive_skips)
 
   def add(self, metrics: dict, step: int) -> None:

@@ -10,7 +10,7 @@ layers make gains 2-D. `opt_type: adafactor` swaps the Adam moments for optax's 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -46,7 +46,7 @@ def model_spec(config) -> ModelSpec:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise NotImplementedError(f"{type(model).__name__} holds non-Param variables; the train state carries Params only")
-  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  is_var = lambda x: isinstance(x, nnx.Variable)
   axes = nnx.to_pure_dict(jax.tree.map(lambda v: _metadata(v, "out_sharding"), params, is_leaf=is_var))
   roles = nnx.to_pure_dict(jax.tree.map(lambda v: _metadata(v, "role"), params, is_leaf=is_var))
   # fan_in may be None, which jax.tree treats as an empty subtree, so box it in a 1-tuple and unbox.
@@ -97,7 +97,7 @@ def state_shardings(spec: ModelSpec, abstract: dict, mesh, rules) -> dict:
 
   # A partitioned optimizer (optax.partition) keeps per-partition trees with MaskedNode in place of the
   # parameters another partition owns; they are sharded like the parameters, MaskedNode kept as it is.
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  masked = lambda x: isinstance(x, optax.MaskedNode)
 
   def like_params(x):
     return isinstance(x, dict) and jax.tree.structure(x, is_leaf=masked) == params_def

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
   per_token = jax.tree.map(lambda role: role not in STATISTICS_ROLES, spec.roles)
 
   def grad_sums(params, batch):
-    fn = lambda p: loss_sums(bind(spec, p), batch, z_loss, config.num_vocab_tiling)  # noqa: E731
+    fn = lambda p: loss_sums(bind(spec, p), batch, z_loss, config.num_vocab_tiling)
     (_, sums), grads = jax.value_and_grad(fn, has_aux=True)(params)
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads), sums
 
@@ -85,7 +85,7 @@ def make_train_step(config, spec: ModelSpec, tx: optax.GradientTransformation,
     }
     if skip_nonfinite:
       finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics["param_norm"])
-      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      keep = lambda new, old: jnp.where(finite, new, old)
       new_params = jax.tree.map(keep, new_params, params)
       opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
       metrics["skipped_steps"] = jnp.logical_not(finite).astype(jnp.float32)

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run import NANOGPT_SHAKESPEARE  # noqa: E402  (the same shapes benchmarks/run.py measures)
+from run import NANOGPT_SHAKESPEARE
 
 RESULTS = ROOT / "benchmarks" / "results"
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
@@ -72,8 +72,8 @@ def nanogpt(peer_dir: Path, steps: int, full: bool) -> dict:
   args = [*NANOGPT_ARGS, f"--max_iters={steps}", f"--lr_decay_iters={steps if full else 2000}",
           f"--eval_interval={steps if full else 10 * steps}", "--always_save_checkpoint=False"]
   text, _, rss = timed([sys.executable, "train.py", *args], cwd=peer_dir)
-  times = [float(t) for t in re.findall(r"^iter \d+: loss [0-9.]+, time ([0-9.]+)ms", text, re.M)][10:]
-  val = re.findall(r"^step \d+: train loss [0-9.]+, val loss ([0-9.]+)", text, re.M)
+  times = [float(t) for t in re.findall(r"^iter \d+: loss [0-9.]+, time ([0-9.]+)ms", text, re.MULTILINE)][10:]
+  val = re.findall(r"^step \d+: train loss [0-9.]+, val loss ([0-9.]+)", text, re.MULTILINE)
   return {"step_ms": statistics.median(times), "peak_mib": rss, "val_loss": float(val[-1]) if full and val else None}
 
 

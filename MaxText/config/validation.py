@@ -1,13 +1,14 @@
 """The checks that need more than the config's own values: registered names, the family, the parametrization,
-the mesh. `startup.load_config` runs them after parsing; every entry point goes through it.
+the mesh. `startup.load_config` runs them after resolving the config; every entry point goes through it.
 
-Keys served by a registry (`decoder_block`, `dataset_type`, `tokenizer_type`, `opt_type`, ...) accept
-exactly the names registered in it, so a new family, source, tokenizer or optimizer needs no edit here.
+Keys declared with `registry=True` (`decoder_block`, `dataset_type`, `tokenizer_type`, `opt_type`, ...) accept
+exactly the names registered for them, so a new family, source, tokenizer or optimizer needs no edit here.
 """
 
 from __future__ import annotations
 
-from MaxText import models, pyconfig
+from MaxText import models
+from MaxText.config import schema
 from MaxText.errors import ConfigError
 from MaxText.inference import sampling
 from MaxText.input_pipeline import sources, tokenizer
@@ -21,7 +22,12 @@ REGISTRY_MODULES = (models, attention, layers, optimizers, sampling, sources, to
 
 
 def _registered() -> dict[str, Registry]:
-  return {key: reg for key, reg in registries().items() if key in pyconfig.schema()}
+  """Config key -> its registry, for every key declared `registry=True`."""
+  found = registries()
+  missing = [key for key in schema.registry_keys() if key not in found]
+  if missing:
+    raise ConfigError(f"config key {missing[0]!r} is declared with registry=True but no registry serves it")
+  return {key: found[key] for key in schema.registry_keys()}
 
 
 def choices() -> dict[str, list[str]]:
@@ -36,7 +42,7 @@ def validate(config) -> None:
     for name in value if isinstance(value, tuple) else (value,):
       reg.check(name)
   parametrization.validate(config)
-  models.check_config(config, pyconfig.schema())
+  models.check_config(config)
   attention.check_config(config)
   batch_ways = sharding.batch_shards(config)
   for key in ("micro_batch_size", "eval_batch_size"):
