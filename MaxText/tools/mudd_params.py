@@ -50,11 +50,12 @@ def count(name: str) -> dict:
           "eta_over_6": eta / 6 * (twin_spec.num_params - twin_embedding), "flops_ratio": flops / twin_flops - 1}
 
 
-def main() -> int:
+@startup.cli
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   names = [n for n in loader.preset_names() if n.startswith("MUDD")]
   parser.add_argument("--models", default=",".join(names))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   rows = [count(n) for n in args.models.split(",")]
   header = ("model", "params", "twin params", "extra", "connections (W1, W2, bias, norm)", "added norm gains",
             "eta/6 estimate", "extra FLOPs/token")
@@ -69,4 +70,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())

@@ -111,7 +111,8 @@ def plot(runs: list[dict], path: str, window: int) -> None:
   fig.savefig(path, dpi=120)
 
 
-def main() -> int:
+@startup.cli
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--steps", type=int, default=600)
@@ -122,7 +123,7 @@ def main() -> int:
   parser.add_argument("--plot", default=os.path.join(ROOT, "assets", "mudd_vs_llama.png"))
   parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "mudd_vs_llama.json"))
   parser.add_argument("overrides", nargs="*", help="config key=value for both models (e.g. dataset_path=...)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   load_before = os.getloadavg()[0]
   runs = [run_one(model, int(seed), args) for seed in args.seeds.split(",") for model in MODELS]
   plot(runs, args.plot, args.smooth)
@@ -156,4 +157,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  startup.exit_now(main())
